@@ -1,0 +1,154 @@
+"""Builders of small offline Stable Diffusion models and datasets for tests, demos and benchmarks.
+
+No hub access exists where loracraft is tested, so every model the tests touch is built
+here, from a fixed seed, in plain diffusers format: the same code paths users run against
+`runwayml/stable-diffusion-v1-5` run against these folders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from loracraft.infer.scenes import COLOURS, SHAPES, write_captioned_dataset
+
+__all__ = ["build_tokenizer", "build_tiny_sd", "write_captioned_dataset", "TINY_SD_SHAPE"]
+
+#: Words that become single tokens; everything else falls back to byte-level characters.
+BASE_WORDS = (
+    ["a", "an", "the", "on", "in", "of", "and", "with", "background", "style", "lcstyle", "photo", "sks"]
+    + list(COLOURS)
+    + list(SHAPES)
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable-unicode map (same table as openai/CLIP)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def build_tokenizer(out_dir: str | Path, words: list[str] | tuple[str, ...] = BASE_WORDS):
+    """Write a CLIP BPE tokenizer whose listed words are single tokens, and load it.
+
+    transformers 5 ignores ``vocab_file=``/``merges_file=`` passed to the constructor (it
+    silently builds a 3-token vocabulary), so the files are written to a folder and loaded
+    with ``from_pretrained`` - the path every real model takes anyway.
+    """
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for tok in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[str] = []
+    for word in dict.fromkeys(words):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            line = f"{parts[0]} {parts[1]}"
+            if line not in merges:
+                merges.append(line)
+            vocab.setdefault(merged, len(vocab))
+            parts = [merged] + parts[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (out / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer.from_pretrained(str(out), pad_token="<|endoftext|>", model_max_length=77)
+    tok.save_pretrained(str(out))
+    return tok
+
+
+#: Shapes of the tiny test model. Resolution 32 px -> 16x16 latents (VAE factor 2),
+#: UNet downsamples once, so sizes must be multiples of 4.
+TINY_SD_SHAPE = dict(
+    unet_channels=(32, 64),
+    vae_channels=(32, 64),
+    text_hidden=32,
+    text_layers=2,
+    cross_attention_dim=32,
+    sample_size=32,
+)
+
+
+def build_tiny_sd(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Build a random-initialised SD1-architecture pipeline in diffusers format.
+
+    Small enough that a 20-step LoRA run takes seconds on 2 CPU cores, yet every component
+    (cross-attention UNet, KL VAE, CLIP text encoder, BPE tokenizer, scheduler) is the real
+    diffusers/transformers class, so loading and LoRA code paths are exercised for real.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out_dir)
+    s = TINY_SD_SHAPE
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=s["sample_size"] // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=s["unet_channels"],
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=s["cross_attention_dim"],
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=s["vae_channels"],
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=s["sample_size"],
+    )
+    tokenizer = build_tokenizer(out / "tokenizer")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=s["text_hidden"],
+            intermediate_size=s["text_hidden"] * 2,
+            num_hidden_layers=s["text_layers"],
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    sched_kwargs = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, prediction_type=prediction_type, **sched_kwargs)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out))
+    # Trainers read the noise schedule as a DDPMScheduler; make sure that config round-trips.
+    DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    return out
