@@ -115,3 +115,112 @@ def write_captioned_dataset(
     elif layout not in ("txt", "repeats"):
         raise ValueError(f"unknown layout {layout!r}")
     return out
+
+
+# --------------------------------------------------------------------------------------
+# The "lcstyle" look: what a style LoRA is taught. No plain render (and so no toy-base
+# training image) has it. It is chosen to survive the toy VAE (downsample x4, 32 px ->
+# 8x8 latents): the stripes have a period of half the image side (4 latent pixels), well
+# below the latent Nyquist limit, and the outline is 3 px thick. Thin 2 px lines at 32 px
+# were measured to be destroyed by a VAE trained on flat shapes (notes/measured-facts.md).
+# --------------------------------------------------------------------------------------
+
+#: Stripe period as a fraction of the image side, and the stripe's share of each period
+#: (< 0.5 so the background colour still dominates the border and the probe can read it).
+STYLE_STRIPE_PERIOD = 0.5
+STYLE_STRIPE_DUTY = 0.4
+#: Outline thickness as a fraction of the image side (3 px at 32 px).
+STYLE_OUTLINE = 3 / 32
+STYLE_OUTLINE_COLOUR = (25, 20, 45)
+STYLE_TRIGGER = "in lcstyle style"
+
+#: (shape, colour) pairs kept out of the style training split: the held-out split holds
+#: only these, so a LoRA's generalisation to unseen combinations can be measured.
+HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (("circle", "yellow"), ("square", "red"), ("triangle", "white"))
+
+
+def stripe_colour(background: str) -> tuple[int, int, int]:
+    """The stripe colour for a background: a darker shade on light colours, lighter on dark."""
+    r, g, b = COLOURS[background]
+    if 0.299 * r + 0.587 * g + 0.114 * b > 110:
+        return (int(r * 0.45), int(g * 0.45), int(b * 0.45))
+    return (int(r + (255 - r) * 0.5), int(g + (255 - g) * 0.5), int(b + (255 - b) * 0.5))
+
+
+def _shape_mask(scene: Scene, big: int) -> Image.Image:
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    kind, coords = shape_polygon(scene, big)
+    if kind == "ellipse":
+        draw.ellipse(coords, fill=255)
+    else:
+        draw.polygon(coords, fill=255)
+    return mask
+
+
+def render_styled(scene: Scene, px: int = 32, supersample: int = 4) -> Image.Image:
+    """Render a scene in the lcstyle look: bold diagonal stripes over the background and a
+    thick dark outline around the shape. Same scene geometry and colours as :func:`render`.
+    """
+    import numpy as np
+    from PIL import ImageFilter
+
+    big = px * supersample
+    yy, xx = np.mgrid[0:big, 0:big]
+    period = STYLE_STRIPE_PERIOD * big
+    stripes = ((xx + yy) % period) < STYLE_STRIPE_DUTY * period
+    arr = np.empty((big, big, 3), dtype=np.uint8)
+    arr[:] = COLOURS[scene.background]
+    arr[stripes] = stripe_colour(scene.background)
+    mask = _shape_mask(scene, big)
+    width = max(1, round(STYLE_OUTLINE * big))
+    outline = mask.filter(ImageFilter.MaxFilter(2 * width + 1))
+    arr[np.asarray(outline) > 127] = STYLE_OUTLINE_COLOUR
+    arr[np.asarray(mask) > 127] = COLOURS[scene.colour]
+    return Image.fromarray(arr).resize((px, px), Image.LANCZOS)
+
+
+def style_caption(scene: Scene) -> str:
+    """The caption of a style image: ``"<scene caption> in lcstyle style"``."""
+    return f"{scene.caption} {STYLE_TRIGGER}"
+
+
+def split_combinations(
+    heldout_pairs: tuple[tuple[str, str], ...] = HELDOUT_PAIRS,
+) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """Split :func:`all_combinations` into (train, held-out) by their (shape, colour) pair."""
+    held = set(heldout_pairs)
+    train = [c for c in all_combinations() if (c[0], c[1]) not in held]
+    heldout = [c for c in all_combinations() if (c[0], c[1]) in held]
+    return train, heldout
+
+
+def write_style_dataset(
+    out_dir: str | Path,
+    n_train: int = 48,
+    n_heldout: int = 16,
+    px: int = 32,
+    seed: int = 0,
+    heldout_pairs: tuple[tuple[str, str], ...] = HELDOUT_PAIRS,
+) -> Path:
+    """Write the lcstyle dataset: ``out_dir/train`` and ``out_dir/heldout`` imagefolders.
+
+    Each split holds PNGs and a ``metadata.jsonl`` (``file_name``, ``text``); captions are
+    ``"<scene caption> in lcstyle style"``. The held-out split contains only the
+    (shape, colour) pairs in ``heldout_pairs``, which never occur in the training split.
+    The same arguments always produce byte-identical files.
+    """
+    out = Path(out_dir)
+    train_combos, heldout_combos = split_combinations(heldout_pairs)
+    rng = random.Random(seed)
+    for split, n, combos in (("train", n_train, train_combos), ("heldout", n_heldout, heldout_combos)):
+        d = out / split
+        d.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(n):
+            scene = random_scene(rng, combos)
+            name = f"{i:04d}.png"
+            render_styled(scene, px).save(d / name)
+            rows.append({"file_name": name, "text": style_caption(scene)})
+        (d / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return out

@@ -1,0 +1,84 @@
+"""The ``loracraft`` command: one entry point, subcommands, one-line errors, DESIGN.md exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from loracraft.infer.errors import LoracraftError, UsageError
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (torchvision fallbacks, progress bars of tiny loads) hides our own messages."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loracraft.train.config import config_help, load_config
+    from loracraft.train.loop import run_training
+
+    if args.help_config:
+        print(config_help())
+        return 0
+    if not args.config:
+        raise UsageError("no config given, command line, run `loracraft train CONFIG.yaml`")
+    cfg = load_config(args.config, args.overrides)
+    run_training(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loracraft",
+        description="LoRA fine-tuning of Stable Diffusion: train, generate, convert, check data.",
+        epilog="Exit codes: 0 ok, 1 data/runtime error, 2 usage/config error, 3 reproduce mismatch, "
+        "130/143 stopped by SIGINT/SIGTERM after a checkpoint.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a LoRA from a YAML config", description="Train a LoRA adapter.")
+    p.add_argument("config", nargs="?", help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 lora.rank=8")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    p.set_defaults(func=cmd_train)
+
+    try:
+        from loracraft.infer import cli as infer_cli
+    except ImportError:
+        infer_cli = None
+    if infer_cli is not None and hasattr(infer_cli, "register"):
+        infer_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LoracraftError as e:
+        if args.debug:
+            raise
+        stream = sys.stdout if e.exit_code == 0 else sys.stderr
+        prefix = "loracraft: " if e.exit_code == 0 else "loracraft: error: "
+        for problem in e.problems:
+            print(prefix + problem, file=stream)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("loracraft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Load the frozen parts of a diffusers Stable Diffusion model for training.
+
+Each component comes from its own ``subfolder`` with the user's revision/variant, exactly
+as the diffusers training scripts do, so a hub id and a local folder take the same path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loracraft.infer.errors import ModelError
+
+PICKLE_EXTS = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+def check_base(base: str) -> None:
+    """Fail fast (before any weights load) when ``base`` cannot be a diffusers model."""
+    p = Path(base).expanduser()
+    if p.is_file():
+        kind = "a pickle checkpoint" if p.suffix.lower() in PICKLE_EXTS else "a single file"
+        raise ModelError(
+            f"model.base is {kind}, not a diffusers folder, {p}, convert it with diffusers' "
+            "from_single_file(...).save_pretrained(DIR) and point model.base at DIR"
+        )
+    if p.exists() and not (p / "model_index.json").is_file():
+        raise ModelError(
+            f"model.base is not a diffusers model (no model_index.json), {p}, "
+            "point it at a folder saved with save_pretrained (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    if not p.exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
+        raise ModelError(f"model.base folder not found, {p}, check the path or give a hub id like org/name")
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: VAE factor x UNet downsampling."""
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+
+def load_components(base: str, revision: str | None = None, variant: str | None = None) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_base(base)
+    kw = dict(revision=revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=variant, **kw)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=variant, **kw)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"cannot load the base model, {base}, check model.base/revision/variant "
+            f"(and network access for hub ids): {first}"
+        ) from e
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.float()  # fp16-stored weights (e.g. the toy base) are upcast; see freeze_and_cast
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
+
+
+def freeze_and_cast(c: Components, weight_dtype: torch.dtype) -> None:
+    """Frozen parts run in the weight dtype; the LoRA parameters added later stay fp32."""
+    for module in (c.text_encoder, c.vae, c.unet):
+        module.requires_grad_(False)
+        module.eval()
+    c.text_encoder.to(dtype=weight_dtype)
+    c.unet.to(dtype=weight_dtype)
+    # The VAE stays fp32: fp16 VAEs overflow to NaN latents (SDXL especially) and it runs once per image.
+
+
+def fingerprint_base(base: str) -> str:
+    """Cheap identity of a local base: file names, sizes and the first/last MiB of each file.
+
+    Hashing every byte of a 4 GB model on each run is too slow; the sampled bytes include the
+    tensor data, so two fine-tunes of one architecture still differ. Hub ids are fingerprinted
+    by their name (and revision, in the manifest).
+    """
+    import hashlib
+
+    p = Path(base).expanduser()
+    if not p.is_dir():
+        return "hub:" + base
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(p).as_posix()}|{size}|".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()

@@ -1,0 +1,361 @@
+"""Training configuration: YAML -> typed, validated schema, with dotted command-line overrides.
+
+pydantic v2 models with ``extra="forbid"`` give type coercion and unknown-key detection;
+this module only turns their errors into one line per problem that names the key, the
+file, and the fix (closest valid key suggested), and collects *all* problems at once
+(litgpt's ``validate_args`` style) before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loracraft.infer.errors import ConfigError
+
+ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TRANSFORMER_TARGETS = ATTN_TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Section):
+    base: str = Field(description="diffusers model folder or hub id (required)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    variant: str | None = Field(None, description="weights variant, e.g. fp16")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="override the scheduler's prediction type"
+    )
+
+
+class DataCfg(_Section):
+    path: str = Field(description="dataset folder, saved `datasets` dataset, or hub id (required)")
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = Field(512, gt=0, description="training side length in pixels")
+    center_crop: bool = False
+    random_flip: bool = False
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability of an empty caption")
+    shuffle_tags: bool = False
+
+
+class LoraCfg(_Section):
+    rank: int = Field(4, gt=0)
+    alpha: float = Field(4, gt=0)
+    targets: Literal["attn", "transformer"] | list[str] = "attn"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init: Literal["gaussian", "default", "pissa", "olora", "loftq"] = Field(
+        "gaussian", description="peft init_lora_weights; default = kaiming (peft's True)"
+    )
+
+    def target_modules(self) -> list[str]:
+        if self.targets == "attn":
+            return list(ATTN_TARGETS)
+        if self.targets == "transformer":
+            return list(TRANSFORMER_TARGETS)
+        return list(self.targets)
+
+
+MixedPrecision = Literal["no", "bf16", "fp16"]
+
+
+class TrainCfg(_Section):
+    seed: int = 0
+    batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(1000, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw"] = "adamw"
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="null disables clipping")
+    mixed_precision: MixedPrecision = "no"
+    gradient_checkpointing: bool = False
+    snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma weighting (5.0 is typical)")
+    noise_offset: float = Field(0.0, ge=0)
+    on_nan: Literal["stop", "skip"] = Field(
+        "stop", description="non-finite loss: stop (exit 1, last checkpoint kept) or skip the batch"
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as False; the user meant the string "no".
+        return "no" if v is False else v
+
+
+class CheckpointCfg(_Section):
+    every: int = Field(500, gt=0, description="save full training state every N optimizer steps")
+    keep: int = Field(3, gt=0, description="complete checkpoints to keep (oldest deleted first)")
+    resume: Literal["auto", "latest"] | bool | str = Field(
+        "auto", description="auto | latest | false | PATH to a step-NNNNNN checkpoint"
+    )
+    allow_config_change: bool = Field(False, description="resume even if training-relevant keys changed")
+
+
+class ValidationCfg(_Section):
+    prompts: list[str] = Field(default_factory=list)
+    every: int = Field(500, gt=0)
+    num_images: int = Field(4, gt=0)
+    seed: int = 0
+    steps: int = Field(25, gt=0)
+    guidance: float = Field(7.5, ge=0)
+
+
+class OutputCfg(_Section):
+    dir: str | None = Field(None, description="run directory; null -> runs/<config file stem>")
+    overwrite: bool = False
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        if v in (None, "none", "None"):
+            return []
+        return [v] if isinstance(v, str) else v
+
+
+class Config(_Section):
+    model: ModelCfg
+    data: DataCfg
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    checkpoint: CheckpointCfg = Field(default_factory=CheckpointCfg)
+    validation: ValidationCfg = Field(default_factory=ValidationCfg)
+    output: OutputCfg = Field(default_factory=OutputCfg)
+
+    @model_validator(mode="after")
+    def _contradictions(self) -> Config:
+        if self.train.warmup_steps > self.train.max_steps:
+            raise ValueError(
+                f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps "
+                f"({self.train.max_steps}); lower warmup_steps"
+            )
+        return self
+
+    def dump(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def training_relevant(self) -> dict:
+        """The keys whose change changes the learned weights (what a resume must not silently mix)."""
+        d = self.dump()
+        for section in NON_TRAINING_SECTIONS:
+            d.pop(section, None)
+        return d
+
+
+#: Sections that never change the learned weights: where files go, how often state is saved,
+#: what validation images look like.
+NON_TRAINING_SECTIONS = ("output", "checkpoint", "validation")
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable ``key: old -> new`` lines between two nested config dicts."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- key lookup
+def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
+    return dict(model.model_fields)
+
+
+def _all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = _unwrap_model(field.annotation)
+        if ann is not None:
+            keys += _all_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _field_for(dotted: str) -> Any | None:
+    model: type[BaseModel] = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        sub = _unwrap_model(field.annotation)
+        if i == len(parts) - 1:
+            return field if sub is None else None
+        if sub is None:
+            return None
+        model = sub
+    return None
+
+
+def suggest_key(dotted: str) -> str:
+    """' (did you mean X?)' for the closest valid key, or '' when nothing is close."""
+    if "." not in dotted:
+        leaf_hits = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == dotted]
+        if leaf_hits:
+            return f" (did you mean '{leaf_hits[0]}'?)"
+        match = difflib.get_close_matches(dotted, list(Config.model_fields), n=1, cutoff=0.5)
+        return f" (did you mean '{match[0]}'?)" if match else ""
+    keys = _all_keys()
+    match = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+    if not match:
+        leaf = dotted.rsplit(".", 1)[-1]
+        match = [k for k in keys if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(
+            leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.75
+        )
+        if match and "." not in match[0]:
+            match = [k for k in keys if k.endswith("." + match[0])]
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+# ----------------------------------------------------------------------------- overrides
+def _accepts_str(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(annotation))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_accepts_str(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key.path=value`` -> (key, value converted for that key's declared type).
+
+    Plain YAML parsing gets `train.lr=1e-4` (a string in YAML 1.1) and
+    `train.mixed_precision=no` (False) wrong, so scalars stay strings for pydantic's
+    type-aware coercion; only lists/maps and null are parsed as YAML.
+    """
+    if "=" not in item:
+        raise ConfigError(
+            f"override '{item}' has no '=', command line, write it as key.path=value (e.g. train.max_steps=20)"
+        )
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    field = _field_for(key)
+    if field is None:
+        raise ConfigError(f"unknown config key '{key}', command-line override{suggest_key(key)}")
+    raw = raw.strip()
+    if raw[:1] in ("[", "{"):
+        try:
+            return key, yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse value of '{key}' ({raw!r}), command line, use YAML list syntax like [a, b]") from e
+    if raw in ("null", "~", "None") and _accepts_none(field.annotation):
+        return key, None
+    if not _accepts_str(field.annotation) and typing.get_origin(field.annotation) is list:
+        return key, [raw]
+    return key, raw
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError, source: str) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown config key '{loc}', {source}, remove it{suggest_key(loc)}")
+        elif e["type"] == "missing":
+            problems.append(f"required config key '{loc}' is missing, {source}, add it (e.g. {loc}: ...)")
+        elif not loc:
+            problems.append(f"{e['msg'].removeprefix('Value error, ')}, {source}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            problems.append(f"bad value for '{loc}'{got_s}, {source}: {e['msg'].lower()}")
+    return problems
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found, {p}, check the path (recipes ship in configs/)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"config is not valid YAML, {where}, fix the syntax ({getattr(e, 'problem', e)})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config is not UTF-8 text, {p}, save it as UTF-8") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping of sections, {p}, start with e.g. 'model:'")
+    return data
+
+
+def build_config(data: dict, overrides: list[str] | None = None, source: str = "config") -> Config:
+    """Validate a config mapping plus overrides, raising one ConfigError listing every problem."""
+    problems: list[str] = []
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides or []:
+        try:
+            key, value = parse_override(item)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        _set_dotted(tree, key, value)
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as e:
+        problems += _format_errors(e, source)
+        cfg = None
+    if problems:
+        raise ConfigError(problems[0], problems)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe, apply dotted overrides, and fill `output.dir` from the file stem."""
+    cfg = build_config(read_yaml(path), overrides, source=str(path))
+    if cfg.output.dir is None:
+        cfg.output.dir = str(Path("runs") / Path(path).stem)
+    return cfg
+
+
+def config_help() -> str:
+    """Every key with its type and default: the text of `loracraft train --help-config`."""
+    lines = []
+    for key in _all_keys():
+        field = _field_for(key)
+        default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        desc = f"  # {field.description}" if field.description else ""
+        lines.append(f"{key} = {default}{desc}")
+    return "\n".join(lines)

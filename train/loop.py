@@ -1,0 +1,531 @@
+"""The LoRA training recipe: ``LoraTrainer(cfg).setup(); .train(); .cleanup()``.
+
+Shaped like torchtune's single-device recipes: ``setup()`` is a list of one-line helper
+calls, ``train()`` reads top to bottom, and nothing in it knows a file format.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from loracraft.infer.errors import ConfigError, LoracraftError, UsageError
+from loracraft.infer.formats import LORA_WEIGHT_NAME, save_diffusers_lora, tensors_sha256
+from loracraft.infer.io import write_json_atomic
+from loracraft.train import checkpoint as ckpt
+from loracraft.train.components import Components, check_base, fingerprint_base, freeze_and_cast, load_components
+from loracraft.train.config import Config, config_diff
+from loracraft.train.data import SampleStream, TrainingExamples, load_captioned_images, make_batches
+from loracraft.train.lora import inject_lora, unet_lora_state_dict
+from loracraft.train.loss import (
+    diffusion_loss,
+    min_snr_weights,
+    sample_latents,
+    sample_noise_and_timesteps,
+    training_target,
+)
+from loracraft.train.manifest import environment, git_commit, scrub, versions
+
+LOG_EVERY = 10  # host syncs for logging happen only this often
+
+
+class RunAlreadyComplete(LoracraftError):
+    exit_code = 0
+
+
+class Interrupted(LoracraftError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written. Exit 128 + signal number."""
+
+
+class NonFiniteLoss(LoracraftError):
+    exit_code = 1
+
+
+def validate_before_load(cfg: Config) -> None:
+    """Every check that needs no weights, all problems reported together (litgpt style)."""
+    problems = []
+    for check in (lambda: check_base(cfg.model.base), lambda: _check_precision(cfg)):
+        try:
+            check()
+        except LoracraftError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems[0], problems)
+
+
+def _check_precision(cfg: Config) -> None:
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a CUDA GPU and none is available, config, use bf16 or no"
+        )
+
+
+class LoraTrainer:
+    def __init__(self, cfg: Config):
+        validate_before_load(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output.dir)
+        self._signal: int | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        self.accelerator = self._setup_accelerator()
+        self.images = self._setup_data()
+        self.resume_from = self._setup_run_dir()
+        self.c = self._setup_models()
+        self.lora_config = inject_lora(self.c.unet, self.cfg.lora)
+        self.trainables = self._setup_trainables()
+        self.optimizer = self._setup_optimizer()
+        self.lr_scheduler = self._setup_lr_scheduler()
+        self.unet, self.optimizer = self.accelerator.prepare(self.c.unet, self.optimizer)
+        self.step = self._setup_resume()
+        self.batches = self._setup_batches()
+        self._setup_logging()
+        self._install_signal_handlers()
+
+    def _setup_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        report_to = list(self.cfg.output.report_to) or None
+        acc = Accelerator(
+            gradient_accumulation_steps=self.cfg.train.grad_accum,
+            mixed_precision=self.cfg.train.mixed_precision,
+            log_with=report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")
+            ),
+        )
+        set_seed(self.cfg.train.seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return acc
+
+    def _setup_data(self):
+        d = self.cfg.data
+        images = load_captioned_images(d.path, d.image_column, d.caption_column)
+        self.dataset_fingerprint = images.fingerprint()
+        return images
+
+    def _setup_run_dir(self) -> Path | None:
+        """Decide: fresh start, resume (which checkpoint), already complete, or refuse."""
+        manifest_path = self.run_dir / "run.json"
+        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        new_cfg = self.cfg.training_relevant()
+        if old is not None:
+            diff = config_diff(old["config_training"], new_cfg)
+            if old.get("dataset_fingerprint") != self.dataset_fingerprint:
+                diff.append("dataset contents changed (fingerprint differs)")
+            if diff and self.cfg.output.overwrite:
+                self._clear_run_dir()
+                return None
+            if diff and not self.cfg.checkpoint.allow_config_change:
+                raise UsageError(
+                    f"output.dir holds a different run, {self.run_dir}: {'; '.join(diff)}; "
+                    "choose another output.dir, or set output.overwrite=true (discard it) or "
+                    "checkpoint.allow_config_change=true (continue it with the new settings)",
+                )
+            if old.get("status") == "complete" and not diff:
+                raise RunAlreadyComplete(
+                    f"run already complete, {self.run_dir}, adapter at {self.run_dir / LORA_WEIGHT_NAME}"
+                )
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.output.overwrite:
+            raise UsageError(
+                f"output.dir exists and is not a loracraft run, {self.run_dir}, "
+                "choose an empty or new output.dir (or set output.overwrite=true to replace its contents)"
+            )
+        return self._find_resume_checkpoint()
+
+    def _clear_run_dir(self) -> None:
+        if self.accelerator.is_main_process and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _find_resume_checkpoint(self) -> Path | None:
+        resume = self.cfg.checkpoint.resume
+        if resume is False or resume == "false":
+            return None
+        if resume in ("auto", "latest", True):
+            found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+            if not found and resume == "latest":
+                raise UsageError(
+                    f"checkpoint.resume=latest but no complete checkpoint exists, {self.run_dir / 'checkpoints'}, "
+                    "use resume=auto to start fresh"
+                )
+            return found[-1][1] if found else None
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise UsageError(f"checkpoint.resume is not a complete checkpoint, {path}, point it at a step-NNNNNN folder")
+        return path
+
+    def _setup_models(self) -> Components:
+        m = self.cfg.model
+        c = load_components(m.base, m.revision, m.variant)
+        if m.prediction_type:
+            c.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
+        multiple = c.size_multiple
+        if self.cfg.data.resolution % multiple:
+            raise ConfigError(
+                f"data.resolution={self.cfg.data.resolution} is not a multiple of {multiple} "
+                f"(VAE factor x UNet downsampling of {m.base}), config, use e.g. "
+                f"{max(multiple, self.cfg.data.resolution // multiple * multiple)}"
+            )
+        weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            self.cfg.train.mixed_precision
+        ]
+        freeze_and_cast(c, weight_dtype)
+        device = self.accelerator.device
+        for module in (c.unet, c.vae, c.text_encoder):
+            module.to(device)
+        if self.cfg.train.gradient_checkpointing:
+            c.unet.enable_gradient_checkpointing()
+        return c
+
+    def _setup_trainables(self) -> dict[str, torch.nn.Parameter]:
+        trainables = {n: p for n, p in self.c.unet.named_parameters() if p.requires_grad}
+        for p in trainables.values():
+            p.data = p.data.float()  # LoRA weights in fp32 even under mixed precision
+        return trainables
+
+    def _setup_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        return torch.optim.AdamW(list(self.trainables.values()), lr=t.lr, weight_decay=t.weight_decay)
+
+    def _setup_lr_scheduler(self):
+        from diffusers.optimization import get_scheduler
+
+        t = self.cfg.train
+        return get_scheduler(
+            t.lr_scheduler, self.optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
+        )
+
+    def _setup_resume(self) -> int:
+        if self.resume_from is None:
+            return 0
+        state = ckpt.read_state(self.resume_from)
+        diff = config_diff(state["config_training"], self.cfg.training_relevant())
+        if diff and not self.cfg.checkpoint.allow_config_change:
+            raise UsageError(
+                f"config differs from the checkpoint's, {self.resume_from}: {'; '.join(diff)}; "
+                "restore those values or set checkpoint.allow_config_change=true"
+            )
+        state = ckpt.load_checkpoint(
+            self.resume_from,
+            self.trainables,
+            self.optimizer.optimizer,
+            self.lr_scheduler,
+            rank=self.accelerator.process_index,
+            scaler=self.accelerator.scaler,
+        )
+        self._print(f"resuming from {self.resume_from} (step {state['step']})")
+        return int(state["step"])
+
+    def _setup_batches(self):
+        stream = SampleStream(self.images.repeats(), self.cfg.train.seed)
+        examples = TrainingExamples(self.images, stream, self.cfg.data, self.cfg.train.seed)
+        acc = self.accelerator
+        return iter(
+            make_batches(
+                examples,
+                start_micro_step=self.step * self.cfg.train.grad_accum,
+                batch_size=self.cfg.train.batch_size,
+                num_processes=acc.num_processes,
+                rank=acc.process_index,
+            )
+        )
+
+    def _setup_logging(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            self._write_manifest(status="running")
+        flat = _flatten(scrub(self.cfg.dump()))
+        init_kwargs = {"wandb": {"dir": str(self.run_dir / "logs"), "name": self.run_dir.name}}
+        acc.init_trackers("loracraft", config=flat, init_kwargs=init_kwargs)
+        self._pending: list[tuple[int, torch.Tensor, float]] = []
+        self._start_time = time.time()
+        t = self.cfg.train
+        self._print(
+            f"training {len(self.trainables)} LoRA tensors "
+            f"({sum(p.numel() for p in self.trainables.values()):,} params) on {len(self.images)} images; "
+            f"effective batch {t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation "
+            f"= {t.batch_size * acc.num_processes * t.grad_accum}"
+        )
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._signal = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, batch: dict) -> torch.Tensor:
+        """One micro-batch: loss, then backward (scaled by accelerate for accumulation)."""
+        loss = self.compute_loss(batch)
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        """encode -> keyed noise and timesteps -> noisy latents -> UNet -> weighted MSE."""
+        c, t = self.c, self.cfg.train
+        positions = batch["positions"].tolist()
+        device = self.accelerator.device
+        with torch.no_grad():
+            latents = self._encode_images(batch["pixel_values"].to(device), positions)
+            text = self._encode_text(batch["captions"])
+        noise, timesteps = sample_noise_and_timesteps(
+            tuple(latents.shape[1:]), positions, t.seed, c.noise_scheduler.config.num_train_timesteps, t.noise_offset
+        )
+        noise, timesteps = noise.to(device), timesteps.to(device)
+        noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+        pred = self.unet(noisy, timesteps, text).sample
+        prediction_type = c.noise_scheduler.config.prediction_type
+        target = training_target(c.noise_scheduler, latents, noise, timesteps, prediction_type)
+        weights = min_snr_weights(c.noise_scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
+        return diffusion_loss(pred, target, weights)
+
+    def _encode_images(self, pixels: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        vae = self.c.vae
+        dist = vae.encode(pixels.float()).latent_dist
+        latents = sample_latents(dist.mean, dist.std, positions, self.cfg.train.seed)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(self.c.unet.dtype)
+
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        tok = self.c.tokenizer
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return self.c.text_encoder(ids.input_ids.to(self.accelerator.device))[0]
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        t = self.cfg.train
+        bar = tqdm(
+            total=t.max_steps, initial=self.step, disable=not self.accelerator.is_main_process, desc="train"
+        )
+        while self.step < t.max_steps:
+            loss = self._optimizer_step()
+            self.step += 1
+            bar.update(1)
+            self._record(loss, bar)
+            if self.step % self.cfg.checkpoint.every == 0 or self._signal is not None:
+                self._checkpoint()
+            if self.cfg.validation.prompts and self.step % self.cfg.validation.every == 0:
+                self.validate()
+            if self._signal is not None:
+                self._stop_on_signal()
+        bar.close()
+        self._flush_logs()
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """``grad_accum`` micro-batches, then one clipped optimizer + LR-scheduler step."""
+        acc, t = self.accelerator, self.cfg.train
+        total = torch.zeros((), device=acc.device)
+        for _ in range(t.grad_accum):
+            batch = next(self.batches)
+            with acc.accumulate(self.unet):
+                total += self.train_step(batch)
+        loss = total / t.grad_accum
+        if not bool(torch.isfinite(acc.reduce(loss, reduction="sum"))):
+            self._handle_non_finite(loss)
+        elif t.max_grad_norm:
+            acc.clip_grad_norm_(list(self.trainables.values()), t.max_grad_norm)
+        if bool(torch.isfinite(loss)):
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _handle_non_finite(self, loss: torch.Tensor) -> None:
+        where = f"step {self.step + 1}"
+        if self.cfg.train.on_nan == "skip":
+            self._print(f"warning: non-finite loss at {where}; batch skipped (train.on_nan=skip)")
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        last = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+        keep = f"last good checkpoint kept at {last[-1][1]}" if last else "no checkpoint was written yet"
+        raise NonFiniteLoss(
+            f"loss became {float(loss)} at {where}, {self.run_dir}, lower train.lr, set train.max_grad_norm, "
+            f"or set train.on_nan=skip; {keep}"
+        )
+
+    # ------------------------------------------------------------------ side effects
+    def _record(self, loss: torch.Tensor, bar) -> None:
+        self._pending.append((self.step, loss, self.lr_scheduler.get_last_lr()[0]))
+        if self.step % LOG_EVERY == 0:
+            self._flush_logs(bar)
+
+    def _flush_logs(self, bar=None) -> None:
+        if not self._pending:
+            return
+        rows = [{"step": s, "loss": float(l), "lr": lr} for s, l, lr in self._pending]
+        self._pending = []
+        for row in rows:
+            self.accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=row["step"])
+        if bar is not None:
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{rows[-1]['lr']:.2e}")
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / "logs" / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def _checkpoint(self) -> None:
+        self._flush_logs()
+        acc = self.accelerator
+        root = self.run_dir / "checkpoints"
+        acc.wait_for_everyone()
+        ckpt.save_checkpoint(
+            root,
+            self.step,
+            self.trainables,
+            self.optimizer.optimizer,
+            self.lr_scheduler,
+            state={
+                "config": scrub(self.cfg.dump()),
+                "config_training": self.cfg.training_relevant(),
+                "num_processes": acc.num_processes,
+                "samples_seen": self.step * self.cfg.train.grad_accum * self.cfg.train.batch_size * acc.num_processes,
+            },
+            is_main=acc.is_main_process,
+            rank=acc.process_index,
+            scaler=acc.scaler,
+        )
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.prune_checkpoints(root, self.cfg.checkpoint.keep)
+
+    def _stop_on_signal(self) -> None:
+        name = signal.Signals(self._signal).name
+        err = Interrupted(
+            f"stopped by {name} at step {self.step}, checkpoint written to {self.run_dir / 'checkpoints'}, "
+            f"run the same command again to resume"
+        )
+        err.exit_code = 128 + self._signal
+        raise err
+
+    def validate(self) -> Path | None:
+        """Generate the validation prompts with a fixed seed; main process only, others wait."""
+        acc, v = self.accelerator, self.cfg.validation
+        path = None
+        if acc.is_main_process:
+            from diffusers.utils import make_image_grid
+
+            images = self._generate(v.prompts, v.num_images)
+            path = self.run_dir / "samples" / f"step-{self.step:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            make_image_grid(images, rows=len(v.prompts), cols=v.num_images).save(path)
+        acc.wait_for_everyone()
+        return path
+
+    def _generate(self, prompts: list[str], per_prompt: int) -> list:
+        from diffusers import StableDiffusionPipeline
+
+        c, v = self.c, self.cfg.validation
+        pipe = StableDiffusionPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+            unet=self.accelerator.unwrap_model(self.unet),
+            scheduler=_inference_scheduler(c.noise_scheduler),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        res = self.cfg.data.resolution
+        for prompt in prompts:
+            gens = [torch.Generator().manual_seed(v.seed + i) for i in range(per_prompt)]
+            images += pipe(
+                [prompt] * per_prompt, num_inference_steps=v.steps, guidance_scale=v.guidance,
+                generator=gens, height=res, width=res,
+            ).images
+        return images
+
+    # ------------------------------------------------------------------ finish
+    def cleanup(self) -> Path:
+        """Final adapter + manifest (main process), trackers closed."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        out = self.run_dir / LORA_WEIGHT_NAME
+        if acc.is_main_process:
+            unet = acc.unwrap_model(self.unet)
+            state = unet_lora_state_dict(unet)
+            save_diffusers_lora(out, state, self.lora_config.to_dict(), self._adapter_metadata())
+            self._write_manifest(status="complete", weights_sha256=tensors_sha256(state))
+            self._print(f"adapter written to {out}")
+        acc.end_training()
+        return out
+
+    def _adapter_metadata(self) -> dict[str, str]:
+        cfg = self.cfg
+        return {
+            "loracraft_config": json.dumps(scrub(cfg.dump()), sort_keys=True),
+            "loracraft_dataset_fingerprint": self.dataset_fingerprint,
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(cfg.lora.rank),
+            "ss_network_alpha": str(cfg.lora.alpha),
+            "ss_sd_model_name": cfg.model.base,
+            "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
+            "ss_max_train_steps": str(cfg.train.max_steps),
+            "ss_steps": str(self.step),
+            "ss_learning_rate": str(cfg.train.lr),
+            "ss_seed": str(cfg.train.seed),
+            "ss_num_train_images": str(len(self.images)),
+            "ss_training_comment": "trained with loracraft",
+        }
+
+    def _write_manifest(self, status: str, weights_sha256: str | None = None) -> None:
+        manifest = {
+            "status": status,
+            "config": scrub(self.cfg.dump()),
+            "config_training": self.cfg.training_relevant(),
+            "seed": self.cfg.train.seed,
+            "steps": self.step if hasattr(self, "step") else 0,
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "environment": environment(),
+            "num_processes": self.accelerator.num_processes,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "base_fingerprint": getattr(self, "_base_fp", None) or self._fingerprint_base(),
+            "weights_sha256": weights_sha256,
+            "wall_time_s": round(time.time() - getattr(self, "_start_time", time.time()), 3),
+            "adapter": LORA_WEIGHT_NAME if weights_sha256 else None,
+        }
+        write_json_atomic(self.run_dir / "run.json", manifest)
+
+    def _fingerprint_base(self) -> str:
+        self._base_fp = fingerprint_base(self.cfg.model.base)
+        return self._base_fp
+
+    def _print(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(f"loracraft: {msg}")
+
+
+def _inference_scheduler(noise_scheduler):
+    """DDIM on the training noise schedule: deterministic, good in few steps."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(noise_scheduler.config)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
+
+
+def run_training(cfg: Config) -> Path:
+    """The four-line entry point (torchtune style)."""
+    trainer = LoraTrainer(cfg)
+    trainer.setup()
+    trainer.train()
+    return trainer.cleanup()
+
+
+__all__ = ["LoraTrainer", "run_training", "RunAlreadyComplete", "Interrupted", "NonFiniteLoss"]

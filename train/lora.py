@@ -1,0 +1,50 @@
+"""LoRA injection into the UNet with peft, and extraction of the trained adapter."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+
+from loracraft.infer.errors import ConfigError
+
+
+def lora_config(cfg_lora) -> LoraConfig:
+    init = {"gaussian": "gaussian", "default": True}.get(cfg_lora.init, cfg_lora.init)
+    return LoraConfig(
+        r=cfg_lora.rank,
+        lora_alpha=cfg_lora.alpha,
+        lora_dropout=cfg_lora.dropout,
+        init_lora_weights=init,
+        target_modules=cfg_lora.target_modules(),
+    )
+
+
+def inject_lora(unet: torch.nn.Module, cfg_lora) -> LoraConfig:
+    """Freeze the UNet and add a trainable LoRA adapter on the configured modules.
+
+    Order matters (as in the diffusers reference scripts): base frozen first, so that only
+    the adapter's parameters require grad.
+    """
+    unet.requires_grad_(False)
+    config = lora_config(cfg_lora)
+    names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()}
+    full = {n for n, _ in unet.named_modules()}
+    unknown = [t for t in config.target_modules if t not in names and not any(n.endswith("." + t) for n in full)]
+    if unknown:
+        raise ConfigError(
+            f"lora.targets {unknown} match no UNet module, config, use 'attn', 'transformer' or names like to_q"
+        )
+    unet.add_adapter(config)
+    return config
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def unet_lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter in diffusers naming (what ``load_lora_weights`` expects after the 'unet.' prefix)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
