@@ -1,25 +1,670 @@
-"""LoRA file formats: diffusers/PEFT safetensors with metadata (kohya/A1111 conversion lives here too).
+"""LoRA file formats: diffusers/PEFT safetensors with metadata, and kohya/A1111 conversion.
 
-diffusers' own ``save_lora_weights`` writes no training metadata and loses alpha unless
-``lora_adapter_metadata`` is passed; we write the same layout with both, atomically.
+Two layouts of the same numbers exist in the wild:
+
+* **diffusers / PEFT** - ``unet.<module>.lora_A.weight`` (PEFT) or ``unet.<module>.lora.down.weight``
+  (what ``convert_state_dict_to_diffusers`` writes), ``text_encoder.<module>...``; the scale
+  ``alpha / rank`` lives in the ``lora_adapter_metadata`` header as a ``LoraConfig``
+  (``lora_alpha``, ``alpha_pattern``, ...). Without it diffusers assumes ``alpha = rank``.
+* **kohya / A1111** - ``lora_unet_<module with _>.lora_down.weight``, ``.lora_up.weight`` and a
+  per-module scalar ``.alpha``; ``lora_te_`` for the SD1 text encoder, ``lora_te1_``/``lora_te2_``
+  for SDXL; training facts in ``ss_*`` header keys.
+
+Both are parsed into one neutral structure, :class:`LoraAdapter` (per module: down, up and the
+effective alpha such that ``scale = alpha / rank``), and written back from it. The kohya
+exporter is ours because diffusers' ``convert_state_dict_to_kohya`` writes ``alpha = rank``
+(losing the trained alpha) and names the SD1 text encoder ``lora_te1_``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.io import atomic_path
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: diffusers' key for the per-component LoraConfig (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY).
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+#: Default file name ``convert --to kohya`` uses when the target is a folder.
+KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+#: Where a kohya file keeps the source ``LoraConfig``s. Not diffusers' own key: diffusers refuses a
+#: kohya file holding both per-module alphas and ``lora_adapter_metadata``.
+KOHYA_CONFIG_KEY = "loracraft_lora_adapter_metadata"
+
+FORMATS = ("diffusers", "kohya")
+#: Suffixes of pickle-based files: loading one can run arbitrary code, so they are refused by default.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+#: Training facts the trainer may put in the diffusers header, mapped to kohya's ``ss_*`` keys
+#: on export (kohya-ss/sd-scripts ``train_network.py`` names). Values are strings.
+SS_METADATA_SOURCES = {
+    "ss_sd_model_name": ("loracraft.base_model", "base_model", "model.base"),
+    "ss_resolution": ("loracraft.resolution", "resolution", "data.resolution"),
+    "ss_max_train_steps": ("loracraft.max_steps", "max_steps", "train.max_steps"),
+    "ss_steps": ("loracraft.steps", "steps", "global_step"),
+    "ss_learning_rate": ("loracraft.lr", "learning_rate", "train.lr"),
+    "ss_seed": ("loracraft.seed", "seed", "train.seed"),
+    "ss_tag_frequency": ("loracraft.tag_frequency", "tag_frequency"),
+    "ss_dataset_dirs": ("loracraft.dataset", "dataset", "data.path"),
+}
 
 
+# --------------------------------------------------------------------------------------------
+# The neutral in-memory form
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LoraModule:
+    """One adapted layer: ``W' = W + (alpha / rank) * up @ down``."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class LoraAdapter:
+    """An adapter independent of its file layout.
+
+    Attributes:
+        modules: ``{component: {module path: LoraModule}}``; component is ``unet``,
+            ``text_encoder`` or ``text_encoder_2``; paths use diffusers/transformers naming with
+            dots (text encoder paths start with ``text_model.`` as in kohya files).
+        configs: the ``LoraConfig`` dicts found in a diffusers header, per component (kept so a
+            round trip writes them back unchanged when they still describe the weights).
+        metadata: every other header entry (``ss_*`` keys, training facts).
+        source_format: ``"diffusers"`` or ``"kohya"``.
+    """
+
+    modules: dict[str, dict[str, LoraModule]]
+    configs: dict[str, dict] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    source_format: str = "diffusers"
+    path: Path | None = None
+
+    def items(self):
+        for component, mods in self.modules.items():
+            for name, mod in mods.items():
+                yield component, name, mod
+
+    @property
+    def num_modules(self) -> int:
+        return sum(len(m) for m in self.modules.values())
+
+    def tensors_sha256(self) -> str:
+        """Hash of names, ranks, alphas and bytes: equal iff two adapters act identically."""
+        tensors: dict[str, torch.Tensor] = {}
+        for component, name, mod in self.items():
+            tensors[f"{component}.{name}.down"] = mod.down
+            tensors[f"{component}.{name}.up"] = mod.up
+            tensors[f"{component}.{name}.alpha"] = torch.tensor([float(mod.alpha)], dtype=torch.float64)
+        return tensors_sha256(tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+def resolve_adapter_file(path: str | Path) -> Path:
+    """Return the weights file for ``path`` (a file, or a folder holding one adapter)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise AdapterError(
+            f"adapter file not found, {p}, check the path (a .safetensors file or a folder holding {LORA_WEIGHT_NAME})"
+        )
+    if p.is_dir():
+        if (p / LORA_WEIGHT_NAME).is_file():
+            return p / LORA_WEIGHT_NAME
+        candidates = sorted(x for x in p.iterdir() if x.suffix == ".safetensors" and x.is_file())
+        if len(candidates) == 1:
+            return candidates[0]
+        what = "no .safetensors file" if not candidates else f"{len(candidates)} .safetensors files"
+        raise AdapterError(f"adapter folder holds {what}, {p}, pass the adapter file itself")
+    return p
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load tensors and header metadata; a damaged file becomes a one-line AdapterError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = dict(fh.metadata() or {})
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AdapterError(
+            f"adapter file is not a readable safetensors file ({reason}), {path}, "
+            "re-download or re-export it (the header or data is damaged or truncated)"
+        ) from e
+    return tensors, metadata
+
+
+def read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if not allow_pickle:
+        raise AdapterError(
+            f"refusing to load a pickle-based adapter (loading it can run arbitrary code), {path}, "
+            "convert it to .safetensors or pass --allow-pickle if you trust its source"
+        )
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - user explicitly allowed full pickle loading
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise AdapterError(f"cannot unpickle adapter ({type(e).__name__}: {e}), {path}, re-export it") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AdapterError(f"pickle file does not hold a flat tensor dict, {path}, re-export it as safetensors")
+    return obj
+
+
+def read_lora(
+    path: str | Path,
+    *,
+    allow_pickle: bool = False,
+    module_names: dict[str, dict[str, str]] | None = None,
+) -> LoraAdapter:
+    """Read a LoRA file in either format (detected from its keys).
+
+    Args:
+        path: a ``.safetensors`` file, a folder holding one, or (with ``allow_pickle``) a
+            ``.ckpt/.pt/.bin`` file.
+        allow_pickle: permit pickle-based files, which can execute code when loaded.
+        module_names: per component, ``{underscored name: dotted module path}`` of the model the
+            adapter will be applied to; resolves kohya names exactly instead of by rule.
+
+    Raises:
+        AdapterError: missing file, damaged header, pickle refused, unknown layout.
+    """
+    file = resolve_adapter_file(path)
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        tensors, header = read_pickle(file, allow_pickle), {}
+    else:
+        tensors, header = read_safetensors(file)
+    if not tensors:
+        raise AdapterError(f"adapter file holds no tensors, {file}, re-export it")
+    fmt = detect_format(tensors.keys(), where=str(file))
+    if fmt == "kohya":
+        adapter = parse_kohya_state(tensors, header, module_names=module_names, where=str(file))
+    else:
+        adapter = parse_diffusers_state(tensors, header, where=str(file))
+    adapter.path = file
+    return adapter
+
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_DIFFUSERS_MARKERS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".lora_linear_layer.", "_lora.down.", "_lora.up.")
+
+
+def detect_format(keys, where: str = "state dict") -> str:
+    """``"kohya"`` if every key uses kohya prefixes, ``"diffusers"`` if keys look like diffusers/PEFT."""
+    keys = list(keys)
+    kohya = [k for k in keys if k.startswith(_KOHYA_PREFIXES)]
+    if kohya and len(kohya) == len(keys):
+        return "kohya"
+    if kohya:
+        other = next(k for k in keys if not k.startswith(_KOHYA_PREFIXES))
+        raise AdapterError(
+            f"adapter mixes kohya keys with others (e.g. {other!r}), {where}, re-export it in one format"
+        )
+    if any(m in k for k in keys for m in _DIFFUSERS_MARKERS):
+        return "diffusers"
+    raise AdapterError(
+        f"not a LoRA adapter (first key {keys[0]!r} is neither diffusers/PEFT nor kohya), {where}, "
+        "pass a LoRA .safetensors file (full model checkpoints go to --base)"
+    )
+
+
+def _unsupported(key: str, where: str) -> AdapterError | None:
+    if "dora_scale" in key or "lora_magnitude_vector" in key:
+        kind = "DoRA"
+    elif any(t in key for t in ("hada_", "lokr_", ".oft_", "lora_mid", ".diff", ".w_norm", ".b_norm")):
+        kind = "LyCORIS (LoHa/LoKr/OFT/full-diff)"
+    elif key.endswith("lora_B.bias") or key.endswith("lora_up.bias"):
+        kind = "LoRA-with-bias"
+    else:
+        return None
+    return AdapterError(
+        f"{kind} adapters are not supported (key {key!r}), {where}, use a plain LoRA adapter"
+    )
+
+
+def _alpha_value(t: torch.Tensor) -> float:
+    v = float(t.detach().to(torch.float64).reshape(-1)[0].item())
+    return int(v) if v.is_integer() else v
+
+
+# -- diffusers / PEFT -------------------------------------------------------------------------
+_DIFFUSERS_KEY_PATTERNS = [
+    (re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])\.weight$"), {"A": "down", "B": "up"}),
+    (re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])\.[^.]+\.weight$"), {"A": "down", "B": "up"}),
+    (re.compile(r"^(?P<mod>.+)\.lora\.(?P<ab>down|up)\.weight$"), None),
+    (re.compile(r"^(?P<mod>.+)\.lora_linear_layer\.(?P<ab>down|up)\.weight$"), None),
+]
+_OLD_DIFFUSERS = re.compile(r"^(?P<parent>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<ab>down|up)\.weight$")
+_OLD_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding")
+_TE_ROOTS = ("text_model", "encoder", "embeddings", "final_layer_norm")
+
+
+def _split_component(key: str) -> tuple[str, str]:
+    first, _, rest = key.partition(".")
+    if first in COMPONENTS:
+        return first, rest
+    key = key.removeprefix("base_model.model.")
+    root = key.split(".", 1)[0]
+    if root in _UNET_ROOTS:
+        return "unet", key
+    if root in _TE_ROOTS:
+        return "text_encoder", key
+    return "", key
+
+
+def _parse_diffusers_key(rest: str, component: str) -> tuple[str, str] | None:
+    """``(module path, "down"|"up"|"alpha")`` for one key without its component prefix."""
+    if rest.endswith(".alpha"):
+        return rest[: -len(".alpha")], "alpha"
+    for pattern, ab_map in _DIFFUSERS_KEY_PATTERNS:
+        m = pattern.match(rest)
+        if m:
+            ab = m["ab"]
+            return m["mod"], ab_map[ab] if ab_map else ab
+    m = _OLD_DIFFUSERS.match(rest)
+    if m:
+        proj = m["proj"]
+        if component.startswith("text_encoder"):
+            proj = _OLD_TE_PROJ[proj]
+        elif proj == "to_out":
+            proj = "to_out.0"
+        return f"{m['parent']}.{proj}", m["ab"]
+    return None
+
+
+def _canonical_te_path(path: str) -> str:
+    # kohya and diffusers<->transformers-4 files name CLIP layers text_model.encoder...;
+    # transformers 5 flattened CLIPTextModel (no .text_model), so both spellings arrive here.
+    return path if path.startswith("text_model.") else f"text_model.{path}"
+
+
+def config_module_params(config: dict, module: str) -> tuple[int | None, float | None]:
+    """Rank and alpha a ``LoraConfig`` dict assigns to ``module`` (PEFT's own pattern rules)."""
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config.get("r"))
+    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.get("lora_alpha"))
+    return r, alpha
+
+
+def _effective_alpha(config: dict, module: str, rank: int) -> float:
+    """Alpha such that ``alpha / rank`` is the scale PEFT applies to this module."""
+    _, alpha = config_module_params(config, module)
+    if alpha is None:
+        return rank
+    if config.get("use_rslora"):
+        # rsLoRA scales by alpha / sqrt(r) (Kalajdzievski 2023); express it as alpha' / r.
+        return alpha * math.sqrt(rank)
+    return alpha
+
+
+def parse_lora_adapter_metadata(header: dict[str, str]) -> dict[str, dict]:
+    """Split diffusers' ``lora_adapter_metadata`` JSON into ``{component: LoraConfig dict}``."""
+    raw = header.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    out: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, name = key.partition(".")
+        if component in COMPONENTS and name:
+            out.setdefault(component, {})[name] = value
+    return out
+
+
+def parse_diffusers_state(
+    tensors: dict[str, torch.Tensor], header: dict[str, str] | None = None, where: str = "state dict"
+) -> LoraAdapter:
+    """Parse a diffusers/PEFT LoRA state dict (any of diffusers' key spellings)."""
+    header = dict(header or {})
+    configs = parse_lora_adapter_metadata(header)
+    header.pop(LORA_ADAPTER_METADATA_KEY, None)
+    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, value in tensors.items():
+        err = _unsupported(key, where)
+        if err:
+            raise err
+        component, rest = _split_component(key)
+        parsed = _parse_diffusers_key(rest, component) if component else None
+        if parsed is None:
+            raise AdapterError(
+                f"unrecognised LoRA key {key!r}, {where}, expected unet./text_encoder. keys ending in "
+                "lora_A/lora_B.weight or lora.down/up.weight (or a kohya lora_unet_ file)"
+            )
+        module, kind = parsed
+        if component.startswith("text_encoder"):
+            module = _canonical_te_path(module)
+        parts.setdefault(component, {}).setdefault(module, {})[kind] = value
+    modules: dict[str, dict[str, LoraModule]] = {}
+    for component, mods in parts.items():
+        config = configs.get(component, {})
+        for module, p in mods.items():
+            if "down" not in p or "up" not in p:
+                missing = "up" if "down" in p else "down"
+                raise AdapterError(f"LoRA module {component}.{module} has no {missing} weight, {where}, re-export it")
+            rank = int(p["down"].shape[0])
+            if "alpha" in p:
+                alpha = _alpha_value(p["alpha"])
+            else:
+                lookup = module.removeprefix("text_model.") if component.startswith("text_encoder") else module
+                alpha = _effective_alpha(config, lookup, rank) if config else rank
+            modules.setdefault(component, {})[module] = LoraModule(p["down"], p["up"], alpha)
+    return LoraAdapter(modules, configs=configs, metadata=header, source_format="diffusers")
+
+
+# -- kohya / A1111 ----------------------------------------------------------------------------
+#: Module-name words that contain underscores, so ``lora_unet_down_blocks_0_..._to_out_0`` can
+#: be split back into dots without the model at hand (longest match first).
+_UNDERSCORE_WORDS = {
+    # diffusers UNet2DConditionModel
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+    "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
+    "time_embedding", "linear_1", "linear_2", "add_embedding", "class_embedding", "encoder_hid_proj",
+    "add_k_proj", "add_v_proj", "add_q_proj", "to_add_out", "norm_cross", "conv_act", "time_proj",
+    "add_time_proj", "time_embed_act", "activation_fn",
+    # transformers CLIPTextModel
+    "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
+    "layer_norm1", "layer_norm2", "token_embedding", "position_embedding", "text_projection",
+}  # fmt: skip
+_MAX_WORD_PARTS = max(w.count("_") + 1 for w in _UNDERSCORE_WORDS)
+
+
+def kohya_name_to_module(flat: str) -> str:
+    """``down_blocks_0_attentions_0_..._to_out_0`` -> ``down_blocks.0.attentions.0...to_out.0`` (by rule)."""
+    parts = flat.split("_")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        for n in range(min(_MAX_WORD_PARTS, len(parts) - i), 0, -1):
+            word = "_".join(parts[i : i + n])
+            if n == 1 or word in _UNDERSCORE_WORDS:
+                out.append(word)
+                i += n
+                break
+    return ".".join(out)
+
+
+def module_to_kohya_name(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def model_module_table(model: torch.nn.Module, te: bool = False) -> dict[str, str]:
+    """``{underscored name: dotted path}`` for every submodule (exact kohya name resolution)."""
+    table = {}
+    for name, _ in model.named_modules():
+        if not name:
+            continue
+        name = re.sub(r"\.base_layer$", "", name)
+        dotted = _canonical_te_path(name) if te else name
+        table.setdefault(module_to_kohya_name(dotted), dotted)
+    return table
+
+
+def _kohya_component(lora_name: str) -> tuple[str, str]:
+    for prefix, component in (
+        ("lora_unet_", "unet"),
+        ("lora_te1_", "text_encoder"),
+        ("lora_te2_", "text_encoder_2"),
+        ("lora_te_", "text_encoder"),
+    ):
+        if lora_name.startswith(prefix):
+            return component, lora_name[len(prefix) :]
+    raise AssertionError(lora_name)  # detect_format guarantees a prefix
+
+
+def parse_kohya_state(
+    tensors: dict[str, torch.Tensor],
+    header: dict[str, str] | None = None,
+    module_names: dict[str, dict[str, str]] | None = None,
+    where: str = "state dict",
+) -> LoraAdapter:
+    """Parse a kohya/A1111 state dict; a module without ``.alpha`` gets alpha = rank (kohya's rule)."""
+    header = dict(header or {})
+    configs = parse_lora_adapter_metadata({LORA_ADAPTER_METADATA_KEY: header.pop(KOHYA_CONFIG_KEY, "")})
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        err = _unsupported(key, where)
+        if err:
+            raise err
+        lora_name, _, suffix = key.partition(".")
+        kind = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
+        if kind is None:
+            raise AdapterError(
+                f"unrecognised kohya key {key!r}, {where}, expected <name>.lora_down.weight / .lora_up.weight / .alpha"
+            )
+        parts.setdefault(lora_name, {})[kind] = value
+    modules: dict[str, dict[str, LoraModule]] = {}
+    for lora_name, p in parts.items():
+        if "down" not in p or "up" not in p:
+            missing = "lora_up" if "down" in p else "lora_down"
+            raise AdapterError(f"kohya module {lora_name} has no {missing}.weight, {where}, re-export it")
+        component, flat = _kohya_component(lora_name)
+        table = (module_names or {}).get(component, {})
+        path = table.get(flat) or kohya_name_to_module(flat)
+        if component.startswith("text_encoder"):
+            path = _canonical_te_path(path)
+        rank = int(p["down"].shape[0])
+        alpha = _alpha_value(p["alpha"]) if "alpha" in p else rank
+        modules.setdefault(component, {})[path] = LoraModule(p["down"], p["up"], alpha)
+    return LoraAdapter(modules, configs=configs, metadata=header, source_format="kohya")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+def _alpha_tensor(alpha: float) -> torch.Tensor:
+    # float32 is what kohya writes; use float64 only when float32 would round the value.
+    t32 = torch.tensor(float(alpha), dtype=torch.float32)
+    return t32 if float(t32.item()) == float(alpha) else torch.tensor(float(alpha), dtype=torch.float64)
+
+
+def _most_common(values) -> float:
+    return Counter(values).most_common(1)[0][0]
+
+
+def build_lora_config(modules: dict[str, LoraModule], paths: dict[str, str] | None = None) -> dict:
+    """A minimal ``LoraConfig`` dict reproducing every module's rank and alpha exactly.
+
+    Args:
+        modules: ``{module path: LoraModule}`` of one component.
+        paths: optional renaming of module paths to the names the target model uses.
+    """
+    paths = paths or {}
+    named = {paths.get(k, k): m for k, m in modules.items()}
+    r = _most_common(m.rank for m in named.values())
+    alpha = _most_common(m.alpha for m in named.values())
+    return {
+        "r": int(r),
+        "lora_alpha": alpha,
+        # "^" anchors the pattern at the start of the module name (peft#2419, as diffusers does).
+        "rank_pattern": {f"^{k}": m.rank for k, m in sorted(named.items()) if m.rank != r},
+        "alpha_pattern": {f"^{k}": m.alpha for k, m in sorted(named.items()) if m.alpha != alpha},
+        "target_modules": sorted(named),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": True,
+    }
+
+
+def config_describes(config: dict, modules: dict[str, LoraModule], te: bool = False) -> bool:
+    """True if ``config`` assigns every module exactly its rank and alpha (so it may be kept)."""
+    if not config or config.get("use_dora"):
+        return False
+    for path, mod in modules.items():
+        lookup = path.removeprefix("text_model.") if te else path
+        r, _ = config_module_params(config, lookup)
+        if r != mod.rank or _effective_alpha(config, lookup, mod.rank) != mod.alpha:
+            return False
+    return True
+
+
+def component_config(adapter: LoraAdapter, component: str) -> dict:
+    """The component's stored config if it still describes the weights, else a rebuilt one."""
+    mods = adapter.modules[component]
+    stored = adapter.configs.get(component)
+    if stored and config_describes(stored, mods, te=component.startswith("text_encoder")):
+        return stored
+    return build_lora_config(mods)
+
+
+def to_diffusers_state(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of a diffusers file that plain ``pipe.load_lora_weights`` reads with its alpha.
+
+    Keys follow ``convert_state_dict_to_diffusers(get_peft_model_state_dict(model))``, the
+    spelling loracraft's trainer and diffusers' training scripts write.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    tensors: dict[str, torch.Tensor] = {}
+    adapter_meta: dict[str, object] = {}
+    for component, mods in adapter.modules.items():
+        peft_state = {}
+        for path, mod in mods.items():
+            peft_state[f"{path}.lora_A.weight"] = mod.down
+            peft_state[f"{path}.lora_B.weight"] = mod.up
+        converted = convert_state_dict_to_diffusers(peft_state)
+        tensors.update({f"{component}.{k}": v for k, v in converted.items()})
+        config = _jsonable_lora_config(component_config(adapter, component))
+        adapter_meta.update({f"{component}.{k}": v for k, v in config.items()})
+    metadata = {"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}}
+    metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_meta, indent=2, sort_keys=True)
+    return _contiguous(tensors), metadata
+
+
+def _kohya_prefixes(adapter: LoraAdapter) -> dict[str, str]:
+    # kohya-ss/sd-scripts networks/lora.py: SD1/2 text encoder "lora_te_", SDXL "lora_te1_"/"lora_te2_".
+    sdxl = "text_encoder_2" in adapter.modules
+    return {
+        "unet": "lora_unet_",
+        "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+        "text_encoder_2": "lora_te2_",
+    }
+
+
+def kohya_metadata(adapter: LoraAdapter) -> dict[str, str]:
+    """``ss_*`` header of a kohya file: network shape plus the training facts we know."""
+    meta = {k: v for k, v in adapter.metadata.items() if k.startswith(("ss_", "sshs_", "modelspec."))}
+    ranks = [m.rank for _, _, m in adapter.items()]
+    alphas = [m.alpha for _, _, m in adapter.items()]
+    meta.setdefault("ss_network_module", "networks.lora")
+    meta["ss_network_dim"] = str(_most_common(ranks))
+    meta["ss_network_alpha"] = str(_most_common(alphas))
+    meta.setdefault("ss_network_args", json.dumps({}))
+    if "text_encoder_2" in adapter.modules:
+        meta.setdefault("ss_base_model_version", "sdxl_base_v1-0")
+    else:
+        meta.setdefault("ss_base_model_version", "sd_v1")
+    meta.setdefault("ss_v2", "False")
+    for ss_key, sources in SS_METADATA_SOURCES.items():
+        for src in sources:
+            if src in adapter.metadata and ss_key not in meta:
+                value = str(adapter.metadata[src])
+                if ss_key == "ss_resolution" and value.isdigit():
+                    value = f"({value}, {value})"  # kohya writes "(512, 512)"
+                meta[ss_key] = value
+                break
+    meta.setdefault("ss_training_comment", f"converted from {adapter.source_format} by loracraft")
+    return meta
+
+
+def to_kohya_state(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of a kohya/A1111 file; each module carries its own ``alpha``.
+
+    The source ``LoraConfig`` is kept under :data:`KOHYA_CONFIG_KEY` (kohya tools ignore unknown
+    keys), so converting back restores it verbatim.
+    """
+    prefixes = _kohya_prefixes(adapter)
+    tensors: dict[str, torch.Tensor] = {}
+    adapter_meta: dict[str, object] = {}
+    for component, mods in adapter.modules.items():
+        for path, mod in mods.items():
+            name = prefixes[component] + module_to_kohya_name(path)
+            tensors[f"{name}.lora_down.weight"] = mod.down
+            tensors[f"{name}.lora_up.weight"] = mod.up
+            tensors[f"{name}.alpha"] = _alpha_tensor(mod.alpha)
+        config = adapter.configs.get(component)
+        if config and config_describes(config, mods, te=component.startswith("text_encoder")):
+            adapter_meta.update({f"{component}.{k}": v for k, v in _jsonable_lora_config(config).items()})
+    metadata = kohya_metadata(adapter)
+    if adapter_meta:
+        metadata[KOHYA_CONFIG_KEY] = json.dumps(adapter_meta, indent=2, sort_keys=True)
+    return _contiguous(tensors), metadata
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def write_lora(adapter: LoraAdapter, path: str | Path, to: str = "diffusers") -> Path:
+    """Write ``adapter`` atomically in format ``to`` (``"diffusers"`` or ``"kohya"``)."""
+    if to not in FORMATS:
+        raise UsageError(f"unknown adapter format {to!r}, --to, use one of {', '.join(FORMATS)}")
+    tensors, metadata = to_kohya_state(adapter) if to == "kohya" else to_diffusers_state(adapter)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def convert_lora_file(src: str | Path, dst: str | Path, to: str, *, allow_pickle: bool = False) -> Path:
+    """``loracraft convert``: read ``src`` in either format, write ``dst`` in format ``to``.
+
+    A folder ``dst`` (existing, or given with a trailing slash) receives the format's default name.
+    """
+    if to not in FORMATS:
+        raise UsageError(f"unknown adapter format {to!r}, --to, use one of {', '.join(FORMATS)}")
+    adapter = read_lora(src, allow_pickle=allow_pickle)
+    out = Path(dst).expanduser()
+    if out.is_dir() or str(dst).endswith(("/", "\\")):
+        out = out / (KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME)
+    elif out.suffix != ".safetensors":
+        raise UsageError(f"output must be a .safetensors file or a folder, {dst}, e.g. {Path(dst).with_suffix('.safetensors')}")
+    if adapter.path is not None and out.resolve() == adapter.path.resolve():
+        raise UsageError(f"output would overwrite the input, {dst}, choose another output path")
+    return write_lora(adapter, out, to=to)
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers writer used by the trainer (kept stable: the trainer calls it)
+# --------------------------------------------------------------------------------------------
 def _jsonable_lora_config(config: dict) -> dict:
     """LoraConfig.to_dict() holds sets and enums; safetensors metadata must be JSON strings."""
     out = {}

@@ -27,3 +27,36 @@ def tiny_dataset(tmp_path_factory):
     from loracraft.infer.testing import write_captioned_dataset
 
     return write_captioned_dataset(tmp_path_factory.mktemp("data") / "jsonl", n=8, px=32, seed=0)
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600):
+    """Run ``python -m loracraft.train.cli ARGS`` in a subprocess; returns CompletedProcess."""
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "loracraft.train.cli", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The `loracraft` command as a subprocess: ``cli("train", ...)`` -> CompletedProcess."""
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def cli_run(tiny_sd, tiny_dataset, tmp_path_factory):
+    """One real `loracraft train` run of the quickstart recipe (rank 8, alpha 4), shared by e2e tests."""
+    from importlib.resources import files
+
+    out = tmp_path_factory.mktemp("cli") / "run"
+    recipe = files("loracraft.configs") / "quickstart.yaml"
+    proc = run_cli(
+        "train", recipe, f"model.base={tiny_sd}", f"data.path={tiny_dataset}", f"output.dir={out}",
+        "train.max_steps=20", "checkpoint.every=10",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

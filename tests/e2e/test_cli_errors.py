@@ -1,0 +1,76 @@
+"""Bad input at the command line: one line naming the problem, the DESIGN.md exit code, no traceback."""
+
+import pytest
+
+
+def _one_line_error(proc, code, *needles):
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("loracraft: error:")]
+    assert lines, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr)
+    return lines
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_sd, tiny_dataset):
+    def write(text):
+        p = tmp_path / "c.yaml"
+        p.write_text(text.replace("@BASE@", str(tiny_sd)).replace("@DATA@", str(tiny_dataset)).replace("@OUT@", str(tmp_path / "out")))
+        return p
+
+    return write
+
+
+GOOD = "model: {base: @BASE@}\ndata: {path: @DATA@, resolution: 32}\noutput: {dir: @OUT@, report_to: []}\n"
+
+
+def test_missing_config_file(tmp_path, cli):
+    _one_line_error(cli("train", tmp_path / "missing.yaml"), 2, "config file not found", "missing.yaml")
+
+
+def test_unknown_key(recipe, cli):
+    lines = _one_line_error(cli("train", recipe(GOOD + "lora: {rnak: 4}\n")), 2, "lora.rnak", "lora.rank")
+    assert len(lines) == 1
+
+
+def test_wrong_type(recipe, cli):
+    _one_line_error(cli("train", recipe(GOOD), "train.max_steps=lots"), 2, "train.max_steps", "lots")
+
+
+def test_missing_dataset_dir(recipe, tmp_path, cli):
+    text = GOOD.replace("@DATA@", str(tmp_path / "no-such-data"))
+    _one_line_error(cli("train", recipe(text)), 1, "dataset folder not found", "no-such-data")
+
+
+def test_dataset_with_zero_images(recipe, tmp_path, cli):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metadata.jsonl").write_text("")
+    text = GOOD.replace("@DATA@", str(empty))
+    _one_line_error(cli("train", recipe(text)), 1, str(empty))
+
+
+def test_missing_caption_column(recipe, cli):
+    _one_line_error(
+        cli("train", recipe(GOOD), "data.caption_column=prompt"), 1, "no column 'prompt'", "data.caption_column"
+    )
+
+
+def test_base_that_is_not_a_diffusers_model(recipe, tmp_path, cli):
+    (tmp_path / "notamodel").mkdir()
+    text = GOOD.replace("@BASE@", str(tmp_path / "notamodel"))
+    _one_line_error(cli("train", recipe(text)), 2, "not a diffusers model", "notamodel")
+
+
+def test_pickle_base_refused(recipe, tmp_path, cli):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not really")
+    text = GOOD.replace("@BASE@", str(ckpt))
+    _one_line_error(cli("train", recipe(text)), 2, "pickle", "model.ckpt")
+
+
+def test_debug_shows_the_traceback(tmp_path, cli):
+    proc = cli("--debug", "train", tmp_path / "missing.yaml")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

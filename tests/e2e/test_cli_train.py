@@ -1,0 +1,77 @@
+"""`loracraft train` as a user runs it, and the result in plain diffusers (no loracraft import there)."""
+
+import json
+
+import numpy as np
+import torch
+
+
+def _image(pipe, seed=0):
+    return np.asarray(
+        pipe("a red circle on a blue background", num_inference_steps=4, height=32, width=32,
+             generator=torch.Generator().manual_seed(seed)).images[0],
+        dtype=np.float64,
+    )
+
+
+def test_cli_run_writes_the_run_directory(cli_run):
+    assert (cli_run / "pytorch_lora_weights.safetensors").is_file()
+    manifest = json.loads((cli_run / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["steps"] == 20
+    assert len(manifest["weights_sha256"]) == 64 and manifest["dataset_fingerprint"]
+    assert manifest["versions"]["diffusers"] and manifest["config"]["lora"]["rank"] == 8
+    assert (cli_run / "samples" / "step-000020.png").is_file()
+    assert [p.name for p in sorted((cli_run / "checkpoints").iterdir())] == ["step-000010", "step-000020"]
+    rows = [json.loads(line) for line in (cli_run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+
+
+def test_safetensors_metadata_carries_training_parameters(cli_run):
+    from safetensors import safe_open
+
+    with safe_open(str(cli_run / "pytorch_lora_weights.safetensors"), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    adapter = json.loads(meta["lora_adapter_metadata"])
+    assert adapter["unet.r"] == 8 and adapter["unet.lora_alpha"] == 4
+    assert meta["ss_network_dim"] == "8" and json.loads(meta["loracraft_config"])["train"]["max_steps"] == 20
+    assert all(k.startswith("unet.") for k in keys)
+
+
+def test_plain_diffusers_image_changes_and_unload_restores(cli_run, tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    pipe.set_progress_bar_config(disable=True)
+    base = _image(pipe)
+    pipe.load_lora_weights(str(cli_run))
+    with_lora = _image(pipe)
+    pipe.unload_lora_weights()
+    restored = _image(pipe)
+    assert np.abs(with_lora - base).mean() >= 1.0, "adapter has no visible effect"
+    assert np.array_equal(restored, base)
+
+
+def test_rerunning_a_finished_run_exits_zero(cli_run, tiny_sd, tiny_dataset, cli):
+    from importlib.resources import files
+
+    recipe = files("loracraft.configs") / "quickstart.yaml"
+    proc = cli(
+        "train", recipe, f"model.base={tiny_sd}", f"data.path={tiny_dataset}", f"output.dir={cli_run}",
+        "train.max_steps=20", "checkpoint.every=10",
+    )
+    assert proc.returncode == 0 and "already complete" in proc.stdout
+
+
+def test_other_run_in_output_dir_is_refused(cli_run, tiny_sd, tiny_dataset, cli):
+    from importlib.resources import files
+
+    recipe = files("loracraft.configs") / "quickstart.yaml"
+    before = (cli_run / "pytorch_lora_weights.safetensors").read_bytes()
+    proc = cli(
+        "train", recipe, f"model.base={tiny_sd}", f"data.path={tiny_dataset}", f"output.dir={cli_run}",
+        "train.max_steps=20", "train.lr=0.5",
+    )
+    assert proc.returncode == 2
+    assert "holds a different run" in proc.stderr and "train.lr" in proc.stderr
+    assert (cli_run / "pytorch_lora_weights.safetensors").read_bytes() == before
