@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -17,6 +19,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+#: Modules that add their own subcommands: each has ``register(subparsers)``.
+SUBCOMMAND_MODULES = ("loracraft.infer.cli",)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -49,12 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every config key with its default")
     p.set_defaults(func=cmd_train)
 
-    try:
-        from loracraft.infer import cli as infer_cli
-    except ImportError:
-        infer_cli = None
-    if infer_cli is not None and hasattr(infer_cli, "register"):
-        infer_cli.register(sub)
+    for module in SUBCOMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).register(sub)
     return parser
 
 
