@@ -176,7 +176,9 @@ def read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise AdapterError(f"pickle file does not hold a flat tensor dict, {path}, re-export it as safetensors")
+        raise AdapterError(
+            f"pickle file does not hold a flat tensor dict, {path}, re-export it as safetensors"
+        )
     return obj
 
 
@@ -215,7 +217,15 @@ def read_lora(
 
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-_DIFFUSERS_MARKERS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".lora_linear_layer.", "_lora.down.", "_lora.up.")
+_DIFFUSERS_MARKERS = (
+    ".lora_A.",
+    ".lora_B.",
+    ".lora.down.",
+    ".lora.up.",
+    ".lora_linear_layer.",
+    "_lora.down.",
+    "_lora.up.",
+)
 
 
 def detect_format(keys, where: str = "state dict") -> str:
@@ -246,9 +256,7 @@ def _unsupported(key: str, where: str) -> AdapterError | None:
         kind = "LoRA-with-bias"
     else:
         return None
-    return AdapterError(
-        f"{kind} adapters are not supported (key {key!r}), {where}, use a plain LoRA adapter"
-    )
+    return AdapterError(f"{kind} adapters are not supported (key {key!r}), {where}, use a plain LoRA adapter")
 
 
 def _alpha_value(t: torch.Tensor) -> float:
@@ -263,9 +271,19 @@ _DIFFUSERS_KEY_PATTERNS = [
     (re.compile(r"^(?P<mod>.+)\.lora\.(?P<ab>down|up)\.weight$"), None),
     (re.compile(r"^(?P<mod>.+)\.lora_linear_layer\.(?P<ab>down|up)\.weight$"), None),
 ]
-_OLD_DIFFUSERS = re.compile(r"^(?P<parent>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<ab>down|up)\.weight$")
+_OLD_DIFFUSERS = re.compile(
+    r"^(?P<parent>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<ab>down|up)\.weight$"
+)
 _OLD_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-_UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding")
+_UNET_ROOTS = (
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "conv_in",
+    "conv_out",
+    "time_embedding",
+    "add_embedding",
+)
 _TE_ROOTS = ("text_model", "encoder", "embeddings", "final_layer_norm")
 
 
@@ -376,12 +394,16 @@ def parse_diffusers_state(
         for module, p in mods.items():
             if "down" not in p or "up" not in p:
                 missing = "up" if "down" in p else "down"
-                raise AdapterError(f"LoRA module {component}.{module} has no {missing} weight, {where}, re-export it")
+                raise AdapterError(
+                    f"LoRA module {component}.{module} has no {missing} weight, {where}, re-export it"
+                )
             rank = int(p["down"].shape[0])
             if "alpha" in p:
                 alpha = _alpha_value(p["alpha"])
             else:
-                lookup = module.removeprefix("text_model.") if component.startswith("text_encoder") else module
+                lookup = (
+                    module.removeprefix("text_model.") if component.startswith("text_encoder") else module
+                )
                 alpha = _effective_alpha(config, lookup, rank) if config else rank
             modules.setdefault(component, {})[module] = LoraModule(p["down"], p["up"], alpha)
     return LoraAdapter(modules, configs=configs, metadata=header, source_format="diffusers")
@@ -656,7 +678,9 @@ def convert_lora_file(src: str | Path, dst: str | Path, to: str, *, allow_pickle
     if out.is_dir() or str(dst).endswith(("/", "\\")):
         out = out / (KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME)
     elif out.suffix != ".safetensors":
-        raise UsageError(f"output must be a .safetensors file or a folder, {dst}, e.g. {Path(dst).with_suffix('.safetensors')}")
+        raise UsageError(
+            f"output must be a .safetensors file or a folder, {dst}, e.g. {Path(dst).with_suffix('.safetensors')}"
+        )
     if adapter.path is not None and out.resolve() == adapter.path.resolve():
         raise UsageError(f"output would overwrite the input, {dst}, choose another output path")
     return write_lora(adapter, out, to=to)

@@ -1,0 +1,553 @@
+"""Attach LoRA adapters to a diffusers pipeline: load (either format), scale, stack, fuse, unload.
+
+diffusers does the injection (``load_lora_into_unet`` / ``load_lora_into_text_encoder`` of the
+pipeline's ``*LoraLoaderMixin``, i.e. what ``load_lora_weights`` runs) and the scaling
+(``set_adapters``) and merging (``fuse_lora``). What it does not do, and this module adds:
+
+* every file is read by :func:`loracraft.infer.formats.read_lora` first, so kohya and diffusers
+  files go through one path, pickles are refused, and a damaged header is a one-line error;
+* the adapter is checked against the base *before* injection: a module the base lacks or a
+  shape that does not fit raises :class:`AdapterError` naming the module and both shapes -
+  diffusers would warn about unmatched keys and load nothing (a silent no-op);
+* the ``LoraConfig`` handed to diffusers is built from the per-module (rank, alpha) we read,
+  so alpha survives whatever layout the file used;
+* ``unfuse`` restores the base weights bit for bit (PEFT's unmerge subtracts the delta back,
+  which leaves rounding residue), so an image generated after a fuse/unfuse cycle is
+  identical to one from a fresh process.
+
+The pipeline remembers what was loaded (``loaded_adapters(pipe)``) so generated images can
+record adapter paths, scales and hashes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from loracraft.infer.errors import AdapterError, UsageError
+from loracraft.infer.formats import (
+    LoraAdapter,
+    build_lora_config,
+    file_sha256,
+    model_module_table,
+    read_lora,
+    resolve_adapter_file,
+)
+
+__all__ = [
+    "LoadedAdapter",
+    "parse_lora_arg",
+    "load_adapter",
+    "load_adapters",
+    "loaded_adapters",
+    "set_scales",
+    "fuse",
+    "unfuse",
+    "is_fused",
+    "unload",
+    "check_fit",
+    "build_random_lora",
+]
+
+_LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_REGISTRY = "_loracraft_adapters"
+_FUSED = "_loracraft_fused_backup"
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter attached to a pipeline (what image metadata records)."""
+
+    name: str
+    path: Path
+    scale: float
+    sha256: str
+    format: str
+    components: tuple[str, ...]
+    num_modules: int
+
+    def record(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["components"] = list(self.components)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line spelling
+# --------------------------------------------------------------------------------------------
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """Split ``PATH[:SCALE]`` (the scale is whatever follows the last colon, if it is a number).
+
+    >>> parse_lora_arg("style.safetensors:0.7")
+    ('style.safetensors', 0.7)
+    >>> parse_lora_arg("C:/loras/style.safetensors")
+    ('C:/loras/style.safetensors', 1.0)
+    """
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _default_name(path: Path, taken: set[str]) -> str:
+    p = Path(path)
+    stem = p.parent.name if p.name == "pytorch_lora_weights.safetensors" else p.stem
+    base = re.sub(r"[^0-9A-Za-z_-]+", "_", stem) or "lora"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Registry kept on the pipeline
+# --------------------------------------------------------------------------------------------
+def _registry(pipe) -> dict[str, LoadedAdapter]:
+    reg = getattr(pipe, _REGISTRY, None)
+    if reg is None:
+        reg = {}
+        setattr(pipe, _REGISTRY, reg)
+    return reg
+
+
+def loaded_adapters(pipe) -> list[LoadedAdapter]:
+    """Adapters loaded through loracraft, in load order, with their current scales."""
+    return list(_registry(pipe).values())
+
+
+# --------------------------------------------------------------------------------------------
+# Fit check
+# --------------------------------------------------------------------------------------------
+def _model_path(model: torch.nn.Module, component: str, path: str) -> str:
+    """The module path inside ``model`` for an adapter path (CLIP naming differs by version)."""
+    if component.startswith("text_encoder") and not hasattr(model, "text_model"):
+        return path.removeprefix("text_model.")
+    return path
+
+
+def _expected_shapes(module: torch.nn.Module, rank: int) -> tuple[tuple, tuple, tuple] | None:
+    """(weight shape, expected down shape, expected up shape) for a LoRA of ``rank`` on ``module``."""
+    if isinstance(module, torch.nn.Linear):
+        return tuple(module.weight.shape), (rank, module.in_features), (module.out_features, rank)
+    if isinstance(module, torch.nn.Conv2d):
+        kh, kw = module.kernel_size
+        down = (rank, module.in_channels // module.groups, kh, kw)
+        return tuple(module.weight.shape), down, (module.out_channels, rank, 1, 1)
+    return None
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def check_fit(pipe, adapter: LoraAdapter, where: str = "adapter") -> dict[str, dict[str, str]]:
+    """Check every module of ``adapter`` exists in ``pipe`` with matching shapes.
+
+    Returns:
+        ``{component: {adapter module path: model module path}}``.
+
+    Raises:
+        AdapterError: naming the first missing module, or the first module whose shapes do not
+            fit (with the base weight shape and the adapter's implied shape).
+    """
+    mapping: dict[str, dict[str, str]] = {}
+    missing: list[str] = []
+    total = adapter.num_modules
+    for component, mods in adapter.modules.items():
+        model = getattr(pipe, component, None)
+        if not isinstance(model, torch.nn.Module):
+            raise AdapterError(
+                f"adapter has {component} weights but the base has no {component} "
+                f"(made for another model family, e.g. SDXL), {where}, use the base it was trained on"
+            )
+        names = dict(model.named_modules())
+        mapping[component] = {}
+        for path, mod in mods.items():
+            mpath = _model_path(model, component, path)
+            module = names.get(mpath)
+            if module is None:
+                missing.append(f"{component}.{path}")
+                continue
+            module = getattr(module, "base_layer", module)
+            shapes = _expected_shapes(module, mod.rank)
+            if shapes is None:
+                raise AdapterError(
+                    f"adapter targets {component}.{mpath}, a {type(module).__name__} (only Linear and Conv2d "
+                    f"take LoRA here), {where}, use an adapter trained on attention/projection layers"
+                )
+            weight, want_down, want_up = shapes
+            got_down, got_up = tuple(mod.down.shape), tuple(mod.up.shape)
+            if got_down != want_down or got_up != want_up:
+                implied = (
+                    (got_up[0], got_down[1], *got_down[2:])
+                    if len(got_down) == 4
+                    else (got_up[0], got_down[1])
+                )
+                raise AdapterError(
+                    f"adapter does not fit the base: module {component}.{mpath} has weight {_fmt(weight)} "
+                    f"but the adapter's LoRA is {_fmt(implied)} (down {_fmt(got_down)}, up {_fmt(got_up)}), "
+                    f"{where}, it was made for a different base architecture; use the base it was trained on"
+                )
+            mapping[component][path] = mpath
+    if missing:
+        if len(missing) == total:
+            raise AdapterError(
+                f"none of the adapter's {total} modules exist in the base (first: {missing[0]}), {where}, "
+                "it was made for a different base model; use the base it was trained on"
+            )
+        raise AdapterError(
+            f"{len(missing)} of the adapter's {total} modules do not exist in the base (first: {missing[0]}), "
+            f"{where}, it was made for a different base model; use the base it was trained on"
+        )
+    return mapping
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _module_tables(pipe) -> dict[str, dict[str, str]]:
+    tables = {}
+    for component in _LORA_COMPONENTS:
+        model = getattr(pipe, component, None)
+        if isinstance(model, torch.nn.Module):
+            tables[component] = model_module_table(model, te=component.startswith("text_encoder"))
+    return tables
+
+
+class _quiet_diffusers:
+    """diffusers logs a warning per component an adapter has no weights for; we report ourselves."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("diffusers")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _inject(pipe, adapter: LoraAdapter, mapping: dict[str, dict[str, str]], name: str) -> None:
+    for component, mods in adapter.modules.items():
+        model = getattr(pipe, component)
+        paths = mapping[component]
+        param = next(model.parameters())
+        state: dict[str, torch.Tensor] = {}
+        for path, mod in mods.items():
+            mpath = paths[path]
+            state[f"{component}.{mpath}.lora_A.weight"] = mod.down.to(param.dtype)
+            state[f"{component}.{mpath}.lora_B.weight"] = mod.up.to(param.dtype)
+        config = build_lora_config(mods, paths=paths)
+        metadata = {f"{component}.{k}": v for k, v in config.items()}
+        if component == "unet":
+            with _quiet_diffusers(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                pipe.load_lora_into_unet(
+                    state,
+                    network_alphas=None,
+                    unet=model,
+                    adapter_name=name,
+                    metadata=metadata,
+                    _pipeline=pipe,
+                )
+        else:
+            _inject_text_encoder(model, state, component, config, name)
+
+
+def _inject_text_encoder(
+    model, state: dict[str, torch.Tensor], component: str, config: dict, name: str
+) -> None:
+    """PEFT injection into a transformers text encoder.
+
+    diffusers routes this through transformers' ``load_adapter``, which in transformers 5 demands
+    peft>=0.22 and refuses to run otherwise; PEFT's own ``inject_adapter_in_model`` +
+    ``set_peft_model_state_dict`` (what diffusers uses for the UNet) has no such gate.
+    """
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    prefix = f"{component}."
+    sd = {k.removeprefix(prefix): v for k, v in state.items()}
+    with warnings.catch_warnings():
+        # PEFT warns whenever a second adapter joins a model; stacking adapters is the point here.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(LoraConfig(**config), model, adapter_name=name)
+    result = set_peft_model_state_dict(model, sd, adapter_name=name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
+    if unexpected:
+        raise AdapterError(f"text encoder did not take LoRA weight {unexpected[0]}, {component}, report this")
+
+
+def _verify_injected(pipe, adapter: LoraAdapter, mapping, name: str) -> None:
+    """Every adapter module must now carry a LoRA layer named ``name`` (never a silent no-op)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component, paths in mapping.items():
+        names = dict(getattr(pipe, component).named_modules())
+        for mpath in paths.values():
+            layer = names.get(mpath)
+            if not isinstance(layer, BaseTunerLayer) or name not in getattr(layer, "lora_A", {}):
+                raise AdapterError(
+                    f"diffusers did not attach the adapter to {component}.{mpath}, {adapter.path}, "
+                    "report this with the adapter file"
+                )
+
+
+def _remove_adapter(pipe, name: str) -> None:
+    for component in _LORA_COMPONENTS:
+        model = getattr(pipe, component, None)
+        if name in (getattr(model, "peft_config", None) or {}):
+            try:
+                pipe.delete_adapters(name)
+            except Exception:  # noqa: BLE001 - best-effort cleanup after a failed load
+                pass
+            return
+
+
+def load_adapter(
+    pipe,
+    path: str | Path,
+    *,
+    name: str | None = None,
+    scale: float = 1.0,
+    allow_pickle: bool = False,
+    activate: bool = True,
+) -> LoadedAdapter:
+    """Load one LoRA file (diffusers or kohya layout) onto ``pipe`` under ``name``.
+
+    Args:
+        pipe: a diffusers Stable Diffusion pipeline (SD1/SD2/SDXL).
+        path: adapter file or folder.
+        name: adapter name (default: derived from the file name, made unique).
+        scale: its weight in :func:`set_scales` (1.0 = as trained).
+        allow_pickle: permit ``.ckpt/.pt/.bin`` files.
+        activate: apply the scales of all loaded adapters right away.
+
+    Raises:
+        AdapterError: missing/corrupt/pickled file, unknown layout, or an adapter that does not
+            fit the base (missing modules, shape mismatch).
+    """
+    if is_fused(pipe):
+        raise UsageError(
+            "cannot load an adapter while adapters are fused, load_adapter, call unfuse(pipe) first"
+        )
+    reg = _registry(pipe)
+    file = resolve_adapter_file(path)
+    name = name or _default_name(file, set(reg))
+    if name in reg:
+        raise UsageError(f"adapter name {name!r} is already loaded, {file}, pick another name")
+    adapter = read_lora(file, allow_pickle=allow_pickle, module_names=_module_tables(pipe))
+    mapping = check_fit(pipe, adapter, where=str(file))
+    try:
+        _inject(pipe, adapter, mapping, name)
+        _verify_injected(pipe, adapter, mapping, name)
+    except AdapterError:
+        _remove_adapter(pipe, name)
+        raise
+    except Exception as e:
+        _remove_adapter(pipe, name)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(
+            f"diffusers could not load the adapter ({first}), {file}, check it fits this base"
+        ) from e
+    loaded = LoadedAdapter(
+        name=name,
+        path=file.resolve(),
+        scale=float(scale),
+        sha256=file_sha256(file),
+        format=adapter.source_format,
+        components=tuple(adapter.modules),
+        num_modules=adapter.num_modules,
+    )
+    reg[name] = loaded
+    if activate:
+        set_scales(pipe)
+    return loaded
+
+
+def load_adapters(
+    pipe,
+    specs: Sequence[str | Path | tuple[str | Path, float]],
+    *,
+    allow_pickle: bool = False,
+) -> list[LoadedAdapter]:
+    """Load several adapters; each spec is a path, ``"PATH:SCALE"``, or ``(path, scale)``.
+
+    All are loaded (and checked) before scales are applied; the first failing file aborts.
+    """
+    out = []
+    for spec in specs:
+        if isinstance(spec, tuple):
+            path, scale = spec
+        else:
+            path, scale = parse_lora_arg(str(spec))
+        out.append(load_adapter(pipe, path, scale=scale, allow_pickle=allow_pickle, activate=False))
+    set_scales(pipe)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling, fusing, unloading
+# --------------------------------------------------------------------------------------------
+def set_scales(pipe, scales: dict[str, float] | Sequence[float] | None = None) -> None:
+    """Set adapter weights (``scales`` by name or in load order; ``None`` re-applies the stored ones).
+
+    Every loaded adapter stays active; weight 0 switches one off exactly (its term is
+    multiplied by 0.0, so the output equals the base bit for bit).
+    """
+    from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+    from diffusers.models.modeling_utils import ModelMixin
+
+    reg = _registry(pipe)
+    if scales is not None:
+        if is_fused(pipe):
+            raise UsageError(
+                "cannot change scales while adapters are fused, set_scales, call unfuse(pipe) first"
+            )
+        if not isinstance(scales, dict):
+            scales = list(scales)
+            if len(scales) != len(reg):
+                raise UsageError(
+                    f"{len(scales)} scales for {len(reg)} adapters, set_scales, give one per adapter"
+                )
+            scales = dict(zip(reg, scales, strict=True))
+        unknown = sorted(set(scales) - set(reg))
+        if unknown:
+            raise UsageError(
+                f"unknown adapter {unknown[0]!r}, set_scales, loaded: {', '.join(reg) or 'none'}"
+            )
+        for n, s in scales.items():
+            reg[n].scale = float(s)
+    for component in _LORA_COMPONENTS:
+        model = getattr(pipe, component, None)
+        present = [n for n in reg if n in (getattr(model, "peft_config", None) or {})]
+        if not present:
+            continue
+        weights = [reg[n].scale for n in present]
+        if isinstance(model, ModelMixin):
+            model.set_adapters(present, weights)
+        else:
+            set_adapters_for_text_encoder(present, model, weights)
+
+
+def is_fused(pipe) -> bool:
+    return getattr(pipe, _FUSED, None) is not None
+
+
+def _tuner_layers(pipe):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component in _LORA_COMPONENTS:
+        model = getattr(pipe, component, None)
+        if isinstance(model, torch.nn.Module):
+            for path, module in model.named_modules():
+                if isinstance(module, BaseTunerLayer):
+                    yield component, path, module
+
+
+def fuse(pipe) -> None:
+    """Merge all loaded adapters, at their current scales, into the base weights (faster generation)."""
+    reg = _registry(pipe)
+    if not reg:
+        raise UsageError("no adapters to fuse, fuse, load one with load_adapter first")
+    if is_fused(pipe):
+        return
+    backup = {
+        (component, path): module.get_base_layer().weight.detach().clone()
+        for component, path, module in _tuner_layers(pipe)
+    }
+    components = sorted({c for c, _ in backup})
+    set_scales(pipe)
+    pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=list(reg))
+    setattr(pipe, _FUSED, backup)
+
+
+def unfuse(pipe) -> None:
+    """Undo :func:`fuse`, restoring the base weights exactly."""
+    backup = getattr(pipe, _FUSED, None)
+    if backup is None:
+        return
+    components = sorted({c for c, _ in backup})
+    pipe.unfuse_lora(components=components)
+    layers = {(c, p): m for c, p, m in _tuner_layers(pipe)}
+    with torch.no_grad():
+        for key, weight in backup.items():
+            layers[key].get_base_layer().weight.copy_(weight)
+    setattr(pipe, _FUSED, None)
+
+
+def unload(pipe) -> None:
+    """Remove every adapter (unfusing first), leaving the pipeline as loaded from disk."""
+    unfuse(pipe)
+    pipe.unload_lora_weights()
+    _registry(pipe).clear()
+
+
+# --------------------------------------------------------------------------------------------
+# A random adapter (tests, benchmarks, demos)
+# --------------------------------------------------------------------------------------------
+def build_random_lora(
+    base: str | Path,
+    out_path: str | Path,
+    *,
+    rank: int = 8,
+    alpha: float = 4,
+    seed: int = 0,
+    targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+    std: float = 0.5,
+    text_encoder: bool = False,
+) -> Path:
+    """Write a diffusers-format adapter with random non-zero ``lora_B`` for the model at ``base``.
+
+    Built exactly as the trainer saves: PEFT ``LoraConfig`` -> ``add_adapter`` ->
+    ``convert_state_dict_to_diffusers(get_peft_model_state_dict(...))`` -> ``save_diffusers_lora``.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from loracraft.infer.formats import save_diffusers_lora
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def randomise(model):
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.data = torch.randn(p.shape, generator=gen) * std
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian")
+    unet.add_adapter(config)
+    randomise(unet)
+    unet_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    te_state = te_config = None
+    if text_encoder:
+        from peft import inject_adapter_in_model
+        from transformers import CLIPTextModel
+
+        te = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder")
+        te_lora = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+        )
+        inject_adapter_in_model(te_lora, te)
+        randomise(te)
+        te_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
+        te_config = te_lora.to_dict()
+    return save_diffusers_lora(
+        out_path,
+        unet_state,
+        config.to_dict(),
+        extra_metadata={"loracraft.base_model": str(base)},
+        text_encoder_state=te_state,
+        text_encoder_lora_config=te_config,
+    )

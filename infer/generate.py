@@ -1,0 +1,629 @@
+"""Generate images with a base + adapters; record everything needed to regenerate each one.
+
+* One ``torch.Generator`` per image, seeded with that image's seed, and one pipeline call per
+  image: image *i* is computed exactly as it would be alone, so ``--from-png`` reproduces it
+  pixel for pixel.
+* Sizes are checked against the multiple the model implies (VAE factor x UNet downsampling).
+* Schedulers are chosen by name and always built from the base's own scheduler config
+  (``from_config``), so switching back and forth never drifts.
+* Text-to-image, img2img and inpainting share one set of components
+  (``AutoPipelineFor*.from_pipe``), so loaded adapters apply to all three.
+* PNGs carry the A1111 ``parameters`` text chunk (shown by common viewers and image sites) and
+  a ``loracraft`` JSON chunk with the full record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from loracraft.infer.errors import AdapterError, UsageError
+from loracraft.infer.io import atomic_path
+from loracraft.infer.models import base_info, size_multiple, vae_scale_factor
+
+__all__ = [
+    "SCHEDULERS",
+    "GenerationRecord",
+    "GeneratedImage",
+    "generate",
+    "sweep_scales",
+    "set_scheduler",
+    "scheduler_name",
+    "check_size",
+    "make_grid",
+    "save_png",
+    "save_grid",
+    "read_record",
+    "regenerate",
+]
+
+#: Short names accepted by ``--scheduler`` -> diffusers classes.
+SCHEDULERS = {
+    "DDIM": "DDIMScheduler",
+    "DPMSolverMultistep": "DPMSolverMultistepScheduler",
+    "EulerAncestral": "EulerAncestralDiscreteScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "LMS": "LMSDiscreteScheduler",
+    "PNDM": "PNDMScheduler",
+    "UniPC": "UniPCMultistepScheduler",
+}
+#: What AUTOMATIC1111 calls the same samplers (its ``Sampler:`` field).
+A1111_SAMPLERS = {
+    "DDIM": "DDIM",
+    "DPMSolverMultistep": "DPM++ 2M",
+    "EulerAncestral": "Euler a",
+    "Euler": "Euler",
+    "LMS": "LMS",
+    "PNDM": "PLMS",
+    "UniPC": "UniPC",
+}
+PNG_PARAMETERS_KEY = "parameters"  # A1111 convention
+PNG_RECORD_KEY = "loracraft"
+RECORD_VERSION = 1
+_SCHED_ATTR = "_loracraft_scheduler_config"
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GenerationRecord:
+    """Everything that determines one image (the PNG's ``loracraft`` chunk)."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    steps: int
+    guidance: float
+    scheduler: str
+    width: int
+    height: int
+    base: dict
+    adapters: list[dict] = field(default_factory=list)
+    fused: bool = False
+    mode: str = "txt2img"
+    strength: float | None = None
+    init_image: dict | None = None
+    mask_image: dict | None = None
+    scheduler_config: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    version: int = RECORD_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerationRecord:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def a1111_parameters(self) -> str:
+        """The A1111 ``parameters`` text: prompt (with ``<lora:name:scale>`` tags), negative, settings."""
+        tags = "".join(f" <lora:{a['name']}:{a['scale']:g}>" for a in self.adapters)
+        lines = [self.prompt + tags]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        fields = [
+            f"Steps: {self.steps}",
+            f"Sampler: {A1111_SAMPLERS.get(self.scheduler, self.scheduler)}",
+            f"CFG scale: {self.guidance:g}",
+            f"Seed: {self.seed}",
+            f"Size: {self.width}x{self.height}",
+            f"Model: {Path(str(self.base.get('base', 'unknown'))).name}",
+        ]
+        if self.strength is not None:
+            fields.append(f"Denoising strength: {self.strength:g}")
+        if self.adapters:
+            hashes = ", ".join(f"{a['name']}: {str(a.get('sha256') or '')[:12]}" for a in self.adapters)
+            fields.append(f'Lora hashes: "{hashes}"')
+        fields.append(f"Version: loracraft {self.versions.get('loracraft', '')}".rstrip())
+        lines.append(", ".join(fields))
+        return "\n".join(lines)
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    record: GenerationRecord
+
+    def save(self, path: str | Path) -> Path:
+        return save_png(self.image, self.record, path)
+
+
+def _versions() -> dict:
+    import diffusers
+
+    try:
+        from importlib.metadata import version
+
+        lc = version("loracraft")
+    except Exception:  # noqa: BLE001 - running from a source tree without metadata
+        lc = "unknown"
+    return {"loracraft": lc, "diffusers": diffusers.__version__, "torch": torch.__version__}
+
+
+# --------------------------------------------------------------------------------------------
+# Schedulers and sizes
+# --------------------------------------------------------------------------------------------
+def _canonical_scheduler(name: str) -> str:
+    for short, cls in SCHEDULERS.items():
+        if name.lower() in (short.lower(), cls.lower()):
+            return short
+    raise UsageError(f"unknown scheduler {name!r}, --scheduler, use one of {', '.join(SCHEDULERS)}")
+
+
+def _base_scheduler_config(pipe) -> dict:
+    cfg = getattr(pipe, _SCHED_ATTR, None)
+    if cfg is None:
+        cfg = dict(pipe.scheduler.config)
+        setattr(pipe, _SCHED_ATTR, cfg)
+    return cfg
+
+
+def scheduler_name(pipe) -> str:
+    """Short name of the pipeline's current scheduler (class name if not one of :data:`SCHEDULERS`)."""
+    cls = type(pipe.scheduler).__name__
+    for short, full in SCHEDULERS.items():
+        if full == cls:
+            return short
+    return cls
+
+
+def set_scheduler(pipe, name: str, config: dict | None = None) -> str:
+    """Replace the scheduler by name, built from the base's original config (or ``config``).
+
+    Args:
+        name: a :data:`SCHEDULERS` short name or diffusers class name (case-insensitive).
+        config: a full scheduler config (as recorded in a PNG); default the base's own.
+
+    Returns:
+        the canonical short name (or the class name for schedulers outside :data:`SCHEDULERS`).
+    """
+    import diffusers
+
+    try:
+        short = _canonical_scheduler(name)
+        cls_name = SCHEDULERS[short]
+    except UsageError:
+        # A record may name a scheduler the user set up outside loracraft; accept any diffusers one.
+        if not (name.endswith("Scheduler") and isinstance(getattr(diffusers, name, None), type)):
+            raise
+        short = cls_name = name
+    cls = getattr(diffusers, cls_name)
+    base_cfg = _base_scheduler_config(pipe)
+    # The base config goes in raw, as diffusers' own idiom does: keys it never set keep the new
+    # class's defaults. A recorded config is explicit, so it rebuilds exactly what was used.
+    pipe.scheduler = cls.from_config(_explicit_config(config) if config is not None else base_cfg)
+    return short
+
+
+def check_size(pipe, width: int | None, height: int | None) -> tuple[int, int]:
+    """Default or validate the image size: each side a positive multiple of :func:`size_multiple`."""
+    m = size_multiple(pipe)
+    default = int(pipe.unet.config.sample_size) * vae_scale_factor(pipe)
+    w = default if width is None else int(width)
+    h = default if height is None else int(height)
+    bad = [f"{label} {v}" for label, v in (("width", w), ("height", h)) if v <= 0 or v % m]
+    if bad:
+
+        def near(v):
+            return max(m, round(v / m) * m)
+
+        raise UsageError(
+            f"{' and '.join(bad)} not a multiple of {m} (this model's VAE factor {vae_scale_factor(pipe)} x UNet "
+            f"downsampling {m // vae_scale_factor(pipe)}), --width/--height, use e.g. {near(w)}x{near(h)}"
+        )
+    return w, h
+
+
+# --------------------------------------------------------------------------------------------
+# Images in, images out
+# --------------------------------------------------------------------------------------------
+def _pixels_sha256(img: Image.Image) -> str:
+    h = hashlib.sha256(f"{img.mode}|{img.size}|".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()
+
+
+def _load_image(src, mode: str, what: str) -> tuple[Image.Image, dict]:
+    """Open ``src`` (path or PIL image) and describe it for the record."""
+    if isinstance(src, Image.Image):
+        img = src.convert(mode)
+        return img, {"path": None, "sha256": _pixels_sha256(img)}
+    path = Path(src).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{what} not found, {path}, check the path")
+    try:
+        with Image.open(path) as im:
+            img = im.convert(mode)
+    except OSError as e:
+        raise UsageError(f"{what} is not a readable image ({e}), {path}, pass a PNG or JPEG") from e
+    return img, {"path": str(path.resolve()), "sha256": _pixels_sha256(img)}
+
+
+def make_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Image:
+    """Tile ``rows x cols`` images (diffusers' ``make_image_grid``)."""
+    from diffusers.utils import make_image_grid
+
+    return make_image_grid(list(images), rows=rows, cols=cols)
+
+
+def save_png(image: Image.Image, record: GenerationRecord, path: str | Path) -> Path:
+    """Write a PNG with the A1111 ``parameters`` chunk and the ``loracraft`` JSON chunk, atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PNG_PARAMETERS_KEY, record.a1111_parameters())
+    info.add_text(PNG_RECORD_KEY, record.to_json())
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+def save_grid(
+    images: Sequence[GeneratedImage], rows: int, cols: int, path: str | Path, cells: Sequence[str] = ()
+) -> Path:
+    """Write a grid PNG; its ``loracraft`` chunk lists the cells' files (regenerate those, not the grid)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    grid = make_grid([g.image for g in images], rows, cols)
+    first = images[0].record
+    info = PngInfo()
+    info.add_text(PNG_PARAMETERS_KEY, first.a1111_parameters() + f"\nGrid: {rows}x{cols}")
+    info.add_text(
+        PNG_RECORD_KEY,
+        json.dumps({"grid": {"rows": rows, "cols": cols, "cells": list(cells)}, "version": RECORD_VERSION}),
+    )
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+def read_record(png: str | Path) -> GenerationRecord:
+    """The :class:`GenerationRecord` a loracraft PNG carries."""
+    path = Path(png).expanduser()
+    if not path.is_file():
+        raise UsageError(f"image not found, {path}, check the --from-png path")
+    try:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except OSError as e:
+        raise UsageError(f"not a readable PNG ({e}), {path}, pass a PNG written by loracraft generate") from e
+    raw = text.get(PNG_RECORD_KEY)
+    if not raw:
+        raise UsageError(
+            f"PNG has no loracraft record (only images written by loracraft generate do), {path}, "
+            "pick one of those"
+        )
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"PNG's loracraft record is damaged ({e}), {path}, use the original file") from e
+    if "grid" in data:
+        cells = data["grid"].get("cells") or []
+        hint = f"regenerate one of its cells, e.g. {cells[0]}" if cells else "regenerate one of its cells"
+        raise UsageError(f"PNG is a grid, not a single image, {path}, {hint}")
+    return GenerationRecord.from_dict(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+def _as_list(x, n: int, what: str) -> list:
+    if x is None or isinstance(x, str):
+        return [x] * n
+    x = list(x)
+    if len(x) != n:
+        raise UsageError(
+            f"{len(x)} {what} for {n} prompts, --{what.replace('_', '-')}, give one or one per prompt"
+        )
+    return x
+
+
+def _seeds(seed, total: int) -> list[int]:
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbits(31)
+    if isinstance(seed, int):
+        return [seed + i for i in range(total)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != total:
+        raise UsageError(f"{len(seeds)} seeds for {total} images, --seed, give one seed or one per image")
+    return seeds
+
+
+def _mode_pipe(pipe, mode: str):
+    """The pipeline for ``mode`` sharing ``pipe``'s components (and so its adapters).
+
+    The img2img/inpaint pipeline gets its own copy of the scheduler: their constructors rewrite
+    a shared scheduler's config in place (e.g. DDIM ``clip_sample`` -> False), which would
+    silently change later text-to-image results.
+    """
+    if mode == "txt2img":
+        return pipe
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    auto = AutoPipelineForImage2Image if mode == "img2img" else AutoPipelineForInpainting
+    scheduler = type(pipe.scheduler).from_config(_explicit_config(pipe.scheduler.config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the clip_sample rewrite announces itself
+        sub = auto.from_pipe(pipe, scheduler=scheduler)
+    sub.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {"disable": True}))
+    return sub
+
+
+def _explicit_config(config) -> dict:
+    """A scheduler config with every value explicit, as JSON types.
+
+    diffusers' ``from_config`` re-derives keys listed in ``_use_default_values`` from class
+    defaults instead of taking the stored value, so those bookkeeping keys are dropped.
+    """
+    clean = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return json.loads(json.dumps(clean, default=str))
+
+
+def _validate(steps, guidance, num_images_per_prompt, strength, mask_image, init_image) -> None:
+    problems = []
+    if int(steps) < 1:
+        problems.append(f"steps must be at least 1, --steps {steps}, use e.g. 25")
+    if not math.isfinite(float(guidance)) or float(guidance) < 0:
+        problems.append(f"guidance must be a finite number >= 0, --guidance {guidance}, use e.g. 7.5")
+    if int(num_images_per_prompt) < 1:
+        problems.append(
+            f"num_images_per_prompt must be at least 1, --num-images {num_images_per_prompt}, use 1 or more"
+        )
+    if init_image is not None and not (0.0 < float(strength) <= 1.0):
+        problems.append(f"strength must be in (0, 1], --strength {strength}, use e.g. 0.75")
+    if mask_image is not None and init_image is None:
+        problems.append("a mask needs an image to inpaint, --mask, pass --init-image too")
+    if problems:
+        raise UsageError(
+            problems[0] if len(problems) == 1 else f"{len(problems)} problems", problems=problems
+        )
+
+
+def _adapter_records(pipe) -> tuple[list[dict], bool]:
+    from loracraft.infer.adapters import is_fused, loaded_adapters
+
+    return [a.record() for a in loaded_adapters(pipe)], is_fused(pipe)
+
+
+def generate(
+    pipe,
+    prompt: str | Sequence[str],
+    *,
+    negative_prompt: str | Sequence[str] | None = None,
+    seed: int | Sequence[int] | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    num_images_per_prompt: int = 1,
+    width: int | None = None,
+    height: int | None = None,
+    scheduler: str | None = None,
+    init_image: str | Path | Image.Image | None = None,
+    mask_image: str | Path | Image.Image | None = None,
+    strength: float = 0.75,
+) -> list[GeneratedImage]:
+    """Generate images with the pipeline's current adapters and scales.
+
+    Args:
+        pipe: a pipeline from :func:`loracraft.infer.load_base` (any diffusers SD pipeline works;
+            records then lack the base path).
+        prompt: one prompt or a list.
+        negative_prompt: one for all prompts, or one per prompt.
+        seed: first seed (image *i* gets ``seed + i``), or one seed per image; ``None`` draws a
+            random one (recorded, so the image stays reproducible).
+        steps: denoising steps (img2img runs ``int(steps * strength)`` of them).
+        guidance: classifier-free guidance scale.
+        num_images_per_prompt: images per prompt (order: prompt-major).
+        width: image width; default the model's native size; must be a multiple of
+            :func:`loracraft.infer.models.size_multiple`.
+        height: as ``width``.
+        scheduler: a :data:`SCHEDULERS` name; ``None`` keeps the pipeline's current one.
+        init_image: start image -> img2img (or inpainting with ``mask_image``); resized to
+            ``width x height`` when those are given.
+        mask_image: white = repaint, black = keep.
+        strength: how much of ``init_image`` to replace (0-1].
+
+    Returns:
+        one :class:`GeneratedImage` per image, each with its own record.
+
+    Raises:
+        UsageError: bad sizes, counts, scheduler names, missing images.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise UsageError("no prompt given, --prompt, pass a text prompt")
+    _validate(steps, guidance, num_images_per_prompt, strength, mask_image, init_image)
+    negatives = _as_list(negative_prompt, len(prompts), "negative_prompt")
+    total = len(prompts) * int(num_images_per_prompt)
+    seeds = _seeds(seed, total)
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    else:
+        _base_scheduler_config(pipe)  # remember the original before anyone swaps it
+
+    init = mask = None
+    init_rec = mask_rec = None
+    if init_image is not None:
+        init, init_rec = _load_image(init_image, "RGB", "init image")
+        if width is None and height is None:
+            width, height = init.size
+    w, h = check_size(pipe, width, height)
+    if init is not None and init.size != (w, h):
+        init = init.resize((w, h), Image.Resampling.LANCZOS)
+    if mask_image is not None:
+        mask, mask_rec = _load_image(mask_image, "L", "mask image")
+        if mask.size != (w, h):
+            mask = mask.resize((w, h), Image.Resampling.NEAREST)
+    mode = "txt2img" if init is None else ("inpaint" if mask is not None else "img2img")
+    run = _mode_pipe(pipe, mode)
+
+    info = base_info(pipe)
+    adapters, fused = _adapter_records(pipe)
+    sched = scheduler_name(run)
+    sched_cfg = _explicit_config(run.scheduler.config)
+    versions = _versions()
+    out: list[GeneratedImage] = []
+    for i in range(total):
+        p, n = prompts[i // num_images_per_prompt], negatives[i // num_images_per_prompt]
+        gen = torch.Generator(device="cpu").manual_seed(seeds[i])
+        kwargs = dict(
+            prompt=p,
+            negative_prompt=n,
+            num_inference_steps=int(steps),
+            guidance_scale=float(guidance),
+            generator=gen,
+            num_images_per_prompt=1,
+        )
+        if mode == "txt2img":
+            kwargs.update(width=w, height=h)
+        elif mode == "img2img":
+            kwargs.update(image=init, strength=float(strength))
+        else:
+            kwargs.update(image=init, mask_image=mask, strength=float(strength), width=w, height=h)
+        image = run(**kwargs).images[0]
+        record = GenerationRecord(
+            prompt=p,
+            negative_prompt=n,
+            seed=seeds[i],
+            steps=int(steps),
+            guidance=float(guidance),
+            scheduler=sched,
+            width=w,
+            height=h,
+            base=info.record() if info else {"base": "unknown"},
+            adapters=adapters,
+            fused=fused,
+            mode=mode,
+            strength=float(strength) if init is not None else None,
+            init_image=init_rec,
+            mask_image=mask_rec,
+            scheduler_config=sched_cfg,
+            versions=versions,
+        )
+        out.append(GeneratedImage(image, record))
+    return out
+
+
+def sweep_scales(
+    pipe, scales: Sequence[float], *, fuse: bool = False, **kwargs
+) -> list[list[GeneratedImage]]:
+    """Generate the same images at several LoRA strengths.
+
+    Each sweep value multiplies every loaded adapter's own scale (1 = as loaded, 0 = base).
+
+    Returns:
+        one list of images per scale, in the order of ``scales``.
+    """
+    from loracraft.infer import adapters as A
+
+    loaded = A.loaded_adapters(pipe)
+    if not loaded:
+        raise UsageError("a scale sweep needs an adapter, --scale-sweep, pass --lora PATH")
+    was_fused = A.is_fused(pipe)
+    A.unfuse(pipe)
+    original = {a.name: a.scale for a in loaded}
+    seed = kwargs.pop("seed", None)
+    prompts = kwargs.get("prompt")
+    n_prompts = 1 if isinstance(prompts, str) else len(prompts or [])
+    seeds = _seeds(seed, n_prompts * int(kwargs.get("num_images_per_prompt", 1)))
+    rows: list[list[GeneratedImage]] = []
+    try:
+        for s in scales:
+            A.set_scales(pipe, {n: v * float(s) for n, v in original.items()})
+            if fuse:
+                A.fuse(pipe)
+            try:
+                rows.append(generate(pipe, seed=seeds, **kwargs))
+            finally:
+                A.unfuse(pipe)
+    finally:
+        A.set_scales(pipe, original)
+        if was_fused:
+            A.fuse(pipe)
+    return rows
+
+
+def regenerate(
+    png: str | Path, *, base: str | Path | None = None, base_config: str | Path | None = None
+) -> GeneratedImage:
+    """Rebuild the pipeline a loracraft PNG records and generate its image again.
+
+    Args:
+        png: a single image written by loracraft (not a grid).
+        base: use this base location instead of the recorded one (e.g. the model moved).
+        base_config: likewise for a single-file base's config folder.
+
+    Raises:
+        UsageError: no record; AdapterError: a recorded adapter is missing or has changed.
+    """
+    from loracraft.infer import adapters as A
+    from loracraft.infer.formats import file_sha256
+    from loracraft.infer.models import load_base
+
+    rec = read_record(png)
+    b = dict(rec.base)
+    if base is None and b.get("base") in (None, "unknown"):
+        raise UsageError(f"PNG does not record its base model, {png}, pass --base")
+    for a in rec.adapters:
+        p = Path(a.get("path") or "")
+        if not a.get("path") or not p.is_file():
+            raise AdapterError(f"adapter {a.get('name')!r} recorded in the PNG is missing, {p}, restore it")
+        if a.get("sha256") and file_sha256(p) != a["sha256"]:
+            raise AdapterError(
+                f"adapter {a.get('name')!r} changed since the image was made (sha256 differs), {p}, "
+                "restore the original file"
+            )
+    for what, img, mode in (("init image", rec.init_image, "RGB"), ("mask image", rec.mask_image, "L")):
+        if img is None:
+            continue
+        if not img.get("path"):
+            raise UsageError(
+                f"the {what} was passed in memory, not as a file, {png}, it cannot be regenerated"
+            )
+        _, now = _load_image(img["path"], mode, what)
+        if now["sha256"] != img.get("sha256"):
+            raise UsageError(
+                f"the {what} changed since the image was made, {img['path']}, restore the original"
+            )
+    pipe = load_base(
+        base if base is not None else b["base"],
+        revision=b.get("revision"),
+        variant=b.get("variant"),
+        torch_dtype=b.get("dtype"),
+        device=b.get("device") or "cpu",
+        config=base_config if base_config is not None else b.get("config"),
+    )
+    for a in rec.adapters:
+        A.load_adapter(pipe, a["path"], name=a["name"], scale=float(a["scale"]), activate=False)
+    if rec.adapters:
+        A.set_scales(pipe)
+        if rec.fused:
+            A.fuse(pipe)
+    set_scheduler(pipe, rec.scheduler, config=rec.scheduler_config or None)
+    images = generate(
+        pipe,
+        rec.prompt,
+        negative_prompt=rec.negative_prompt,
+        seed=rec.seed,
+        steps=rec.steps,
+        guidance=rec.guidance,
+        width=rec.width,
+        height=rec.height,
+        init_image=rec.init_image["path"] if rec.init_image else None,
+        mask_image=rec.mask_image["path"] if rec.mask_image else None,
+        strength=rec.strength if rec.strength is not None else 0.75,
+    )
+    return images[0]
