@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from loracraft.infer.errors import ConfigError
 
@@ -39,11 +40,29 @@ class DataCfg(_Section):
     path: str = Field(description="dataset folder, saved `datasets` dataset, or hub id (required)")
     image_column: str = "image"
     caption_column: str = "text"
-    resolution: int = Field(512, gt=0, description="training side length in pixels")
+    resolution: int = Field(512, gt=0, description="training side length in pixels (a multiple of 8)")
     center_crop: bool = False
     random_flip: bool = False
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability of an empty caption")
     shuffle_tags: bool = False
+    on_error: Literal["fail", "skip"] = Field(
+        "fail",
+        description="images with errors (unreadable/corrupt/truncated/empty files, missing or non-UTF-8 "
+        "captions, metadata rows without a file): fail = stop before loading weights, listing them all; "
+        "skip = train without them, with a warning and a count",
+    )
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        # Every SD-family VAE downsamples by 8; the model's own (larger) multiple is checked at load.
+        if v > 0 and v % 8:
+            lo, hi = max(8, v // 8 * 8), v // 8 * 8 + 8
+            raise PydanticCustomError(
+                "multiple_of_8", "must be a multiple of 8 (latents are 1/8 of the image side); use {lo} or {hi}",
+                {"lo": lo, "hi": hi},
+            )
+        return v
 
 
 class LoraCfg(_Section):
@@ -134,14 +153,17 @@ class Config(_Section):
     validation: ValidationCfg = Field(default_factory=ValidationCfg)
     output: OutputCfg = Field(default_factory=OutputCfg)
 
-    @model_validator(mode="after")
-    def _contradictions(self) -> Config:
-        if self.train.warmup_steps > self.train.max_steps:
-            raise ValueError(
-                f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps "
-                f"({self.train.max_steps}); lower warmup_steps"
-            )
-        return self
+    def contradictions(self) -> list[tuple[str, str]]:
+        """Options that are each valid but cannot all hold: ``[(what, how to fix), ...]``."""
+        t, found = self.train, []
+        if t.warmup_steps > t.max_steps:
+            found.append((f"train.warmup_steps ({t.warmup_steps}) exceeds train.max_steps ({t.max_steps})",
+                          "lower warmup_steps"))
+        if t.warmup_steps and t.lr_scheduler == "constant":
+            # diffusers' "constant" schedule silently ignores num_warmup_steps.
+            found.append((f"train.warmup_steps={t.warmup_steps} has no effect with train.lr_scheduler=constant",
+                          "use lr_scheduler=constant_with_warmup (or another schedule) or set warmup_steps=0"))
+        return found
 
     def dump(self) -> dict:
         return self.model_dump(mode="json")
@@ -151,12 +173,23 @@ class Config(_Section):
         d = self.dump()
         for section in NON_TRAINING_SECTIONS:
             d.pop(section, None)
+        # Which images train is already in the dataset fingerprint (computed after skipping).
+        d["data"].pop("on_error", None)
         return d
 
 
 #: Sections that never change the learned weights: where files go, how often state is saved,
 #: what validation images look like.
 NON_TRAINING_SECTIONS = ("output", "checkpoint", "validation")
+
+
+def normalize_training(old: dict) -> dict:
+    """Re-validate a saved ``config_training`` with today's schema so keys added since then
+    (at their defaults) do not count as changes; unparseable old configs compare raw."""
+    try:
+        return Config.model_validate(old).training_relevant()
+    except ValidationError:
+        return old
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -337,6 +370,8 @@ def build_config(data: dict, overrides: list[str] | None = None, source: str = "
     except ValidationError as e:
         problems += _format_errors(e, source)
         cfg = None
+    if cfg is not None:
+        problems += [f"{what}, {source}, {fix}" for what, fix in cfg.contradictions()]
     if problems:
         raise ConfigError(problems[0], problems)
     return cfg

@@ -21,7 +21,7 @@ from loracraft.infer.io import write_json_atomic
 from loracraft.train import checkpoint as ckpt
 from loracraft.train.components import Components, check_base, fingerprint_base, freeze_and_cast, load_components
 from loracraft.train.config import Config, config_diff
-from loracraft.train.data import SampleStream, TrainingExamples, load_captioned_images, make_batches
+from loracraft.train.data import SampleStream, TrainingExamples, make_batches
 from loracraft.train.lora import inject_lora, unet_lora_state_dict
 from loracraft.train.loss import (
     diffusion_loss,
@@ -107,8 +107,34 @@ class LoraTrainer:
         return acc
 
     def _setup_data(self):
-        d = self.cfg.data
-        images = load_captioned_images(d.path, d.image_column, d.caption_column)
+        """The dataset, checked like `loracraft check-data` before any weights load (data.on_error)."""
+        from loracraft.train.checkdata import check_dataset, checked_images, load_tokenizer
+
+        d, t, acc = self.cfg.data, self.cfg.train, self.accelerator
+        try:
+            tokenizer = load_tokenizer(self.cfg.model.base, self.cfg.model.revision)
+        except LoracraftError:
+            tokenizer = None  # the model load reports the base properly; token counts are advisory
+        report = check_dataset(
+            d.path, d.resolution, tokenizer, d.image_column, d.caption_column, progress=acc.is_main_process
+        )
+        images, skipped = checked_images(report, d.on_error, d.image_column, d.caption_column)
+        if skipped:
+            files = sorted({f.file for f in skipped})
+            self._print(
+                f"warning: skipped {len(files)} of {report.images} images with errors (data.on_error=skip): "
+                + ", ".join(files)
+            )
+        if report.warnings:
+            counts = ", ".join(f"{n} {p}" for p, n in report.counts("warning").items())
+            self._print(f"data check: {len(report.warnings)} warnings ({counts}); details: loracraft check-data {d.path}")
+        samples = sum(images.repeats())
+        if t.batch_size * acc.num_processes > samples:
+            per = f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""
+            raise ConfigError(
+                f"train.batch_size={t.batch_size}{per} is larger than the dataset ({samples} samples per epoch), "
+                f"{d.path}, lower train.batch_size to at most {samples // acc.num_processes or 1} or add images"
+            )
         self.dataset_fingerprint = images.fingerprint()
         return images
 
