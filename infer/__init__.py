@@ -1,5 +1,109 @@
-"""loracraft.infer: everything needed to *use* a LoRA adapter (the lower layer; never imports train)."""
+"""loracraft.infer: everything needed to *use* a LoRA adapter (the lower layer; never imports train).
 
-from loracraft.infer.errors import LoracraftError
+>>> from loracraft.infer import load_base, load_adapters, generate
+>>> pipe = load_base("path/to/sd15")                              # doctest: +SKIP
+>>> load_adapters(pipe, ["style.safetensors:0.8"])                # doctest: +SKIP
+>>> images = generate(pipe, "a red circle", seed=0, steps=25)      # doctest: +SKIP
+>>> images[0].save("out.png")                                      # doctest: +SKIP
+"""
 
-__all__ = ["LoracraftError"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from loracraft.infer.errors import AdapterError, LoracraftError, ModelError, UsageError
+
+# Public names -> defining module. Loaded on first use (PEP 562) so that importing
+# ``loracraft.infer.errors`` (the CLI does it first thing) does not pull in torch/diffusers.
+_EXPORTS = {
+    "BaseInfo": "loracraft.infer.models",
+    "load_base": "loracraft.infer.models",
+    "base_info": "loracraft.infer.models",
+    "size_multiple": "loracraft.infer.models",
+    "LoadedAdapter": "loracraft.infer.adapters",
+    "load_adapter": "loracraft.infer.adapters",
+    "load_adapters": "loracraft.infer.adapters",
+    "loaded_adapters": "loracraft.infer.adapters",
+    "parse_lora_arg": "loracraft.infer.adapters",
+    "set_scales": "loracraft.infer.adapters",
+    "fuse": "loracraft.infer.adapters",
+    "unfuse": "loracraft.infer.adapters",
+    "is_fused": "loracraft.infer.adapters",
+    "unload": "loracraft.infer.adapters",
+    "check_fit": "loracraft.infer.adapters",
+    "build_random_lora": "loracraft.infer.adapters",
+    "LORA_WEIGHT_NAME": "loracraft.infer.formats",
+    "LoraAdapter": "loracraft.infer.formats",
+    "LoraModule": "loracraft.infer.formats",
+    "read_lora": "loracraft.infer.formats",
+    "write_lora": "loracraft.infer.formats",
+    "detect_format": "loracraft.infer.formats",
+    "convert_lora_file": "loracraft.infer.formats",
+    "save_diffusers_lora": "loracraft.infer.formats",
+    "SCHEDULERS": "loracraft.infer.generate",
+    "GenerationRecord": "loracraft.infer.generate",
+    "GeneratedImage": "loracraft.infer.generate",
+    "generate": "loracraft.infer.generate",
+    "sweep_scales": "loracraft.infer.generate",
+    "regenerate": "loracraft.infer.generate",
+    "read_record": "loracraft.infer.generate",
+    "save_png": "loracraft.infer.generate",
+    "make_grid": "loracraft.infer.generate",
+    "set_scheduler": "loracraft.infer.generate",
+}
+
+__all__ = ["LoracraftError", "AdapterError", "ModelError", "UsageError", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loracraft.infer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real imports
+    from loracraft.infer.adapters import (  # noqa: F401
+        LoadedAdapter,
+        build_random_lora,
+        check_fit,
+        fuse,
+        is_fused,
+        load_adapter,
+        load_adapters,
+        loaded_adapters,
+        parse_lora_arg,
+        set_scales,
+        unfuse,
+        unload,
+    )
+    from loracraft.infer.formats import (  # noqa: F401
+        LORA_WEIGHT_NAME,
+        LoraAdapter,
+        LoraModule,
+        convert_lora_file,
+        detect_format,
+        read_lora,
+        save_diffusers_lora,
+        write_lora,
+    )
+    from loracraft.infer.generate import (  # noqa: F401
+        SCHEDULERS,
+        GeneratedImage,
+        GenerationRecord,
+        generate,
+        make_grid,
+        read_record,
+        regenerate,
+        save_png,
+        set_scheduler,
+        sweep_scales,
+    )
+    from loracraft.infer.models import BaseInfo, base_info, load_base, size_multiple  # noqa: F401

@@ -7,7 +7,9 @@ how it was loaded (:func:`base_info`) so generated images can record it and be r
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,9 +90,7 @@ def _load_folder(path: Path, *, variant, dtype, revision):
             hint = "add model_index.json (save the pipeline with save_pretrained)"
         raise ModelError(f"not a diffusers model folder (no model_index.json), {path}, {hint}")
     try:
-        return DiffusionPipeline.from_pretrained(
-            str(path), dtype=dtype, variant=variant, revision=revision
-        )
+        return DiffusionPipeline.from_pretrained(str(path), dtype=dtype, variant=variant, revision=revision)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
         fix = (
             "check the variant exists (e.g. *.fp16.safetensors)"
@@ -140,14 +140,31 @@ def _load_hub(repo_id: str, *, revision, variant, dtype):
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(
-            repo_id, revision=revision, variant=variant, dtype=dtype
-        )
+        return DiffusionPipeline.from_pretrained(repo_id, revision=revision, variant=variant, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
         raise ModelError(
             f"cannot load hub model {repo_id}{'@' + revision if revision else ''} ({_first_line(e)}), --base, "
             "check the id and your network/HF_HUB_OFFLINE cache, or pass a local diffusers folder"
         ) from e
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """Hide diffusers'/transformers' per-component loading bars unless progress was asked for."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    if not show:
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
 
 
 def load_base(
@@ -184,17 +201,18 @@ def load_base(
     dtype = parse_dtype(torch_dtype)
     text = str(base)
     path = Path(text).expanduser()
-    if path.is_dir():
-        pipe = _load_folder(path, variant=variant, dtype=dtype, revision=revision)
-    elif path.is_file():
-        pipe = _load_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle)
-    elif _HUB_ID.match(text) and not text.startswith((".", "~")):
-        pipe = _load_hub(text, revision=revision, variant=variant, dtype=dtype)
-    else:
-        raise ModelError(
-            f"base model not found, {text}, pass an existing diffusers folder, a .safetensors checkpoint "
-            "or a hub id like runwayml/stable-diffusion-v1-5"
-        )
+    with _loading_bars(progress):
+        if path.is_dir():
+            pipe = _load_folder(path, variant=variant, dtype=dtype, revision=revision)
+        elif path.is_file():
+            pipe = _load_single_file(path, config=config, dtype=dtype, allow_pickle=allow_pickle)
+        elif _HUB_ID.match(text) and not text.startswith((".", "~")):
+            pipe = _load_hub(text, revision=revision, variant=variant, dtype=dtype)
+        else:
+            raise ModelError(
+                f"base model not found, {text}, pass an existing diffusers folder, a .safetensors checkpoint "
+                "or a hub id like runwayml/stable-diffusion-v1-5"
+            )
     if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
         raise ModelError(
             f"not a Stable Diffusion pipeline ({type(pipe).__name__} has no unet/vae), {text}, "
