@@ -231,6 +231,10 @@ _DIFFUSERS_MARKERS = (
 def detect_format(keys, where: str = "state dict") -> str:
     """``"kohya"`` if every key uses kohya prefixes, ``"diffusers"`` if keys look like diffusers/PEFT."""
     keys = list(keys)
+    for key in keys:
+        err = _unsupported(key, where)
+        if err:
+            raise err
     kohya = [k for k in keys if k.startswith(_KOHYA_PREFIXES)]
     if kohya and len(kohya) == len(keys):
         return "kohya"
@@ -250,7 +254,9 @@ def detect_format(keys, where: str = "state dict") -> str:
 def _unsupported(key: str, where: str) -> AdapterError | None:
     if "dora_scale" in key or "lora_magnitude_vector" in key:
         kind = "DoRA"
-    elif any(t in key for t in ("hada_", "lokr_", ".oft_", "lora_mid", ".diff", ".w_norm", ".b_norm")):
+    elif any(t in key for t in ("hada_", "lokr_", ".oft_", ".lora_mid.")) or key.endswith(
+        (".diff", ".diff_b", ".w_norm", ".b_norm")
+    ):
         kind = "LyCORIS (LoHa/LoKr/OFT/full-diff)"
     elif key.endswith("lora_B.bias") or key.endswith("lora_up.bias"):
         kind = "LoRA-with-bias"

@@ -60,3 +60,26 @@ def cli_run(tiny_sd, tiny_dataset, tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+# --- loracraft.infer fixtures: random adapters built the way the trainer saves them ----------
+@pytest.fixture(scope="session")
+def lora_dir(tiny_sd, tmp_path_factory):
+    """A UNet attention adapter, rank 8 / alpha 4 (alpha != rank), random non-zero lora_B, diffusers format."""
+    from loracraft.infer.adapters import build_random_lora
+    from loracraft.infer.formats import LORA_WEIGHT_NAME
+
+    out = tmp_path_factory.mktemp("lora-a")
+    build_random_lora(tiny_sd, out / LORA_WEIGHT_NAME, rank=8, alpha=4, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_dir_b(tiny_sd, tmp_path_factory):
+    """A second, different adapter (rank 4 / alpha 8, UNet + text encoder) for stacking tests."""
+    from loracraft.infer.adapters import build_random_lora
+    from loracraft.infer.formats import LORA_WEIGHT_NAME
+
+    out = tmp_path_factory.mktemp("lora-b")
+    build_random_lora(tiny_sd, out / LORA_WEIGHT_NAME, rank=4, alpha=8, seed=2, text_encoder=True)
+    return out
