@@ -38,7 +38,19 @@ from loracraft.train.data import IMAGE_EXTS, REPEAT_DIR, CaptionedImages, Item, 
 
 #: Image-like files training cannot read: reported so a folder of phone photos (HEIC) is
 #: not silently trained on nothing.
-UNSUPPORTED_IMAGE_EXTS = {".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".raw", ".cr2", ".nef", ".dng", ".arw"}
+UNSUPPORTED_IMAGE_EXTS = {
+    ".heic",
+    ".heif",
+    ".avif",
+    ".jxl",
+    ".svg",
+    ".psd",
+    ".raw",
+    ".cr2",
+    ".nef",
+    ".dng",
+    ".arw",
+}
 #: Long side / short side above which the square training crop keeps less than half the image.
 MAX_ASPECT = 2.0
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -229,10 +241,21 @@ def inspect_image(data: bytes, resolution: int | None = None) -> list[tuple[str,
         fmt, mode, (w, h), info = im.format, im.mode, im.size, dict(im.info)
     except Exception as e:
         if "truncat" in str(e).lower():
-            return [("truncated-image", f"image file is cut short, even its header ({_one_line(e)})",
-                     "restore the original file or delete it")]
+            return [
+                (
+                    "truncated-image",
+                    f"image file is cut short, even its header ({_one_line(e)})",
+                    "restore the original file or delete it",
+                )
+            ]
         why = "PIL cannot identify the format" if type(e).__name__ == "UnidentifiedImageError" else str(e)
-        return [("unreadable-image", f"not a readable image ({_one_line(why)})", "re-save it as PNG or JPEG, or delete it")]
+        return [
+            (
+                "unreadable-image",
+                f"not a readable image ({_one_line(why)})",
+                "re-save it as PNG or JPEG, or delete it",
+            )
+        ]
     try:
         orientation = im.getexif().get(0x0112)
     except Exception:  # a broken EXIF block is not worth failing the file for
@@ -242,8 +265,13 @@ def inspect_image(data: bytes, resolution: int | None = None) -> list[tuple[str,
         # verify() also rejects a missing end marker that decoding tolerates: ask the decoder.
         try:
             Image.open(io.BytesIO(data)).load()
-            return [("incomplete-file", f"PNG ends early ({_one_line(error)}) but every pixel decodes",
-                     "it trains as is; re-save it to repair the file")]
+            return [
+                (
+                    "incomplete-file",
+                    f"PNG ends early ({_one_line(error)}) but every pixel decodes",
+                    "it trains as is; re-save it to repair the file",
+                )
+            ]
         except Exception as e:
             error = e
     if error is not None:
@@ -257,46 +285,78 @@ def inspect_image(data: bytes, resolution: int | None = None) -> list[tuple[str,
         w, h = h, w  # sizes as training sees them, after exif_transpose
     short, long_ = min(w, h), max(w, h)
     if resolution and short < resolution:
-        found.append((
-            "too-small",
-            f"{w}x{h} is smaller than the training resolution {resolution}: upscaled "
-            f"{resolution / short:.2f}x (short side {short} -> {resolution}), which blurs it",
-            "use a larger original, or train at a lower resolution",
-        ))
+        found.append(
+            (
+                "too-small",
+                f"{w}x{h} is smaller than the training resolution {resolution}: upscaled "
+                f"{resolution / short:.2f}x (short side {short} -> {resolution}), which blurs it",
+                "use a larger original, or train at a lower resolution",
+            )
+        )
     if long_ / short > MAX_ASPECT:
-        found.append((
-            "extreme-aspect",
-            f"aspect ratio {long_ / short:.2f}:1 ({w}x{h}): the square training crop keeps only "
-            f"{100 * short / long_:.0f}% of it",
-            "crop it around the subject (or split it) before training",
-        ))
+        found.append(
+            (
+                "extreme-aspect",
+                f"aspect ratio {long_ / short:.2f}:1 ({w}x{h}): a square training crop keeps only "
+                f"{100 * short / long_:.0f}% of it",
+                "crop it around the subject first, or train with data.buckets=true",
+            )
+        )
     if orientation in ORIENTATIONS:
-        found.append((
-            "exif-orientation",
-            f"EXIF orientation {orientation} ({ORIENTATIONS[orientation]}): training applies it "
-            "(ImageOps.exif_transpose), as photo viewers do",
-            "nothing to do if it looks upright in a viewer; otherwise re-save it upright without the tag",
-        ))
+        found.append(
+            (
+                "exif-orientation",
+                f"EXIF orientation {orientation} ({ORIENTATIONS[orientation]}): training applies it "
+                "(ImageOps.exif_transpose), as photo viewers do",
+                "nothing to do if it looks upright in a viewer; otherwise re-save it upright without the tag",
+            )
+        )
     return found
 
 
 def _mode_problem(mode: str, info: dict) -> list[tuple[str, str, str]]:
     """Modes that ``data.to_rgb`` converts in a way worth knowing about."""
     if mode == "CMYK":
-        return [("cmyk-image", "CMYK image: converted to RGB without colour management, colours may shift",
-                 "convert it to sRGB in an image editor for faithful colours")]
+        return [
+            (
+                "cmyk-image",
+                "CMYK image: converted to RGB without colour management, colours may shift",
+                "convert it to sRGB in an image editor for faithful colours",
+            )
+        ]
     if mode in SIXTEEN_BIT_MODES:
-        return [("16-bit-image", f"{'16' if mode.startswith('I;16') else '32'}-bit image (mode {mode}): scaled "
-                 "to 8 bits by dividing by its brightest pixel", "save it as 8-bit RGB to control the conversion")]
+        return [
+            (
+                "16-bit-image",
+                f"{'16' if mode.startswith('I;16') else '32'}-bit image (mode {mode}): scaled "
+                "to 8 bits by dividing by its brightest pixel",
+                "save it as 8-bit RGB to control the conversion",
+            )
+        ]
     if mode == "P" and "transparency" in info:
-        return [("palette-transparency", "palette image with transparency: transparent pixels are composited "
-                 "on white", "save it as RGB over the background you want")]
+        return [
+            (
+                "palette-transparency",
+                "palette image with transparency: transparent pixels are composited on white",
+                "save it as RGB over the background you want",
+            )
+        ]
     if mode in ("RGBA", "LA"):
-        return [("alpha-channel", f"image has an alpha channel ({mode}): transparent areas are composited "
-                 "on white", "save it as RGB over the background you want")]
+        return [
+            (
+                "alpha-channel",
+                f"image has an alpha channel ({mode}): transparent areas are composited on white",
+                "save it as RGB over the background you want",
+            )
+        ]
     if mode not in ("RGB", "L", "1", "P", "YCbCr"):
-        return [("unusual-mode", f"uncommon image mode {mode}: converted with PIL's convert('RGB')",
-                 "check it looks right, or save it as 8-bit RGB")]
+        return [
+            (
+                "unusual-mode",
+                f"uncommon image mode {mode}: converted with PIL's convert('RGB')",
+                "check it looks right, or save it as 8-bit RGB",
+            )
+        ]
     return []
 
 
@@ -307,17 +367,25 @@ def _read_caption(txt: Path) -> tuple[str | None, list[tuple[str, str, str]]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         guess = raw.decode("cp1252", errors="replace")
-        return None, [(
-            "caption-not-utf8",
-            f"caption file {txt.name} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}; "
-            f"as Windows-1252 it reads {_one_line(guess, 40)!r})",
-            f"re-save {txt.name} as UTF-8",
-        )]
+        return None, [
+            (
+                "caption-not-utf8",
+                f"caption file {txt.name} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}; "
+                f"as Windows-1252 it reads {_one_line(guess, 40)!r})",
+                f"re-save {txt.name} as UTF-8",
+            )
+        ]
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # as read_text's universal newlines do
     found = []
     if text.startswith("\ufeff"):
-        found.append(("caption-bom", f"caption file {txt.name} starts with a UTF-8 byte-order mark, which "
-                      "becomes part of the caption", f"re-save {txt.name} as UTF-8 without BOM"))
+        found.append(
+            (
+                "caption-bom",
+                f"caption file {txt.name} starts with a UTF-8 byte-order mark, which "
+                "becomes part of the caption",
+                f"re-save {txt.name} as UTF-8 without BOM",
+            )
+        )
     return text.strip(), found
 
 
@@ -325,8 +393,13 @@ def _caption_problems(caption: str | None, missing_fix: str) -> list[tuple[str, 
     if caption is None:
         return [("missing-caption", "image has no caption", missing_fix)]
     if not caption.strip():
-        return [("empty-caption", "caption is empty: the image trains unconditionally (like caption dropout)",
-                 "write a caption, or delete the image if it is not meant to be there")]
+        return [
+            (
+                "empty-caption",
+                "caption is empty: the image trains unconditionally (like caption dropout)",
+                "write a caption, or delete the image if it is not meant to be there",
+            )
+        ]
     return []
 
 
@@ -335,6 +408,8 @@ def _token_findings(entries: list[_Entry], tokenizer) -> list[Finding]:
     if not with_text:
         return []
     limit = int(tokenizer.model_max_length)
+    if limit > 100_000:  # unset in the tokenizer config: CLIP text encoders have 77 positions
+        limit = 77
     ids = tokenizer([e.caption for e in with_text], truncation=False, verbose=False)["input_ids"]
     found = []
     for entry, toks in zip(with_text, ids, strict=True):
@@ -342,12 +417,15 @@ def _token_findings(entries: list[_Entry], tokenizer) -> list[Finding]:
             continue
         cut = len(toks) - limit
         lost = tokenizer.decode(toks[limit - 1 : -1], skip_special_tokens=True)
-        found.append(Finding(
-            entry.key, "caption-too-long",
-            f"caption is {len(toks)} tokens, over the text encoder's limit of {limit}: the last {cut} "
-            f"are cut in training ({_one_line(lost, 40)!r})",
-            "shorten the caption (put what matters first)",
-        ))
+        found.append(
+            Finding(
+                entry.key,
+                "caption-too-long",
+                f"caption is {len(toks)} tokens, over the text encoder's limit of {limit}: the last {cut} "
+                f"are cut in training ({_one_line(lost, 40)!r})",
+                "shorten the caption (put what matters first)",
+            )
+        )
     return found
 
 
@@ -404,15 +482,32 @@ def _scan_sidecars(root: Path, files: list[Path]) -> tuple[str, list[_Entry], li
         if p in used or p.parent == root and p.name in METADATA_FILES:
             continue
         if _is_image(p):
-            findings.append(Finding(_rel(p, root), "ignored-file", f"image {where}: training does not read it",
-                                    "move it beside the other images, or delete it"))
+            findings.append(
+                Finding(
+                    _rel(p, root),
+                    "ignored-file",
+                    f"image {where}: training does not read it",
+                    "move it beside the other images, or delete it",
+                )
+            )
         elif p.suffix.lower() in UNSUPPORTED_IMAGE_EXTS:
-            findings.append(Finding(_rel(p, root), "ignored-file",
-                                    f"{p.suffix} images are not supported: training does not read it",
-                                    "convert it to PNG or JPEG"))
+            findings.append(
+                Finding(
+                    _rel(p, root),
+                    "ignored-file",
+                    f"{p.suffix} images are not supported: training does not read it",
+                    "convert it to PNG or JPEG",
+                )
+            )
         elif p.suffix.lower() == ".txt" and any(p.parent == f for f, _ in folders):
-            findings.append(Finding(_rel(p, root), "orphan-caption", "caption file with no image of the same name",
-                                    "add the image, fix the name, or delete the caption"))
+            findings.append(
+                Finding(
+                    _rel(p, root),
+                    "orphan-caption",
+                    "caption file with no image of the same name",
+                    "add the image, fix the name, or delete the caption",
+                )
+            )
     return layout, entries, findings
 
 
@@ -421,7 +516,9 @@ def _read_metadata(meta: Path) -> tuple[list[dict], list[Finding]]:
     try:
         text = meta.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        return [], [Finding(meta.name, "bad-metadata", f"{meta.name} is not UTF-8 text", "re-save it as UTF-8")]
+        return [], [
+            Finding(meta.name, "bad-metadata", f"{meta.name} is not UTF-8 text", "re-save it as UTF-8")
+        ]
     if meta.suffix == ".csv":
         rows = [dict(r, _line=i + 2) for i, r in enumerate(csv.DictReader(io.StringIO(text)))]
     else:
@@ -431,56 +528,101 @@ def _read_metadata(meta: Path) -> tuple[list[dict], list[Finding]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                return [], [Finding(meta.name, "bad-metadata", f"line {i} of {meta.name} is not JSON ({e.msg})",
-                                    "fix that line (one JSON object per line)")]
+                return [], [
+                    Finding(
+                        meta.name,
+                        "bad-metadata",
+                        f"line {i} of {meta.name} is not JSON ({e.msg})",
+                        "fix that line (one JSON object per line)",
+                    )
+                ]
             if not isinstance(row, dict):
-                return [], [Finding(meta.name, "bad-metadata", f"line {i} of {meta.name} is not a JSON object",
-                                    'write one {"file_name": ..., "text": ...} object per line')]
+                return [], [
+                    Finding(
+                        meta.name,
+                        "bad-metadata",
+                        f"line {i} of {meta.name} is not a JSON object",
+                        'write one {"file_name": ..., "text": ...} object per line',
+                    )
+                ]
             rows.append(dict(row, _line=i))
     bad = [r["_line"] for r in rows if not r.get("file_name")]
     if bad:
-        return [], [Finding(meta.name, "bad-metadata", f"row at line {bad[0]} of {meta.name} has no file_name "
-                            f"({len(bad)} rows in all)", "give every row a file_name relative to the folder")]
+        return [], [
+            Finding(
+                meta.name,
+                "bad-metadata",
+                f"row at line {bad[0]} of {meta.name} has no file_name ({len(bad)} rows in all)",
+                "give every row a file_name relative to the folder",
+            )
+        ]
     return rows, []
 
 
-def _scan_imagefolder(root: Path, files: list[Path], caption_column: str) -> tuple[list[_Entry], list[Finding]]:
+def _scan_imagefolder(
+    root: Path, files: list[Path], caption_column: str
+) -> tuple[list[_Entry], list[Finding]]:
     meta = next(root / m for m in METADATA_FILES if (root / m).is_file())
     rows, findings = _read_metadata(meta)
     if findings:
         return [], findings
     if rows and not any(caption_column in r for r in rows):
         cols = sorted({k for r in rows for k in r if k not in ("_line", "file_name")})
-        return [], [Finding(meta.name, "missing-column", f"{meta.name} has no '{caption_column}' field "
-                            f"(fields: {', '.join(cols) or 'none'})",
-                            "set data.caption_column (check-data: --caption-column) to one of them")]
+        return [], [
+            Finding(
+                meta.name,
+                "missing-column",
+                f"dataset has no column '{caption_column}' "
+                f"(fields in {meta.name}: {', '.join(cols) or 'none'})",
+                "set data.caption_column (check-data: --caption-column) to one of them",
+            )
+        ]
     entries, referenced = [], set()
     for r in rows:
         path = root / r["file_name"]
         referenced.add(path)
         cap = r.get(caption_column)
-        entry = _Entry(Path(r["file_name"]).as_posix(), path=path,
-                       caption=None if cap is None else str(cap).strip())
+        entry = _Entry(
+            Path(r["file_name"]).as_posix(), path=path, caption=None if cap is None else str(cap).strip()
+        )
         entries.append(entry)
         if not path.is_file():
             twin = _case_twin(path)
             hint = f" ({twin.name} exists: fix the case)" if twin else ""
-            findings.append(Finding(entry.key, "missing-file", f"{meta.name} line {r['_line']} names a file that "
-                                    f"does not exist{hint}", "fix its file_name, or remove the row"))
+            findings.append(
+                Finding(
+                    entry.key,
+                    "missing-file",
+                    f"{meta.name} line {r['_line']} names a file that does not exist{hint}",
+                    "fix its file_name, or remove the row",
+                )
+            )
             continue
-        problems = _caption_problems(entry.caption, f"add a '{caption_column}' value to its row "
-                                     f"(line {r['_line']} of {meta.name})")
+        problems = _caption_problems(
+            entry.caption, f"add a '{caption_column}' value to its row (line {r['_line']} of {meta.name})"
+        )
         findings += [Finding(entry.key, *p) for p in problems]
     for p in files:
         if p in referenced or p.parent == root and p.name in METADATA_FILES:
             continue
         if _is_image(p):
-            findings.append(Finding(_rel(p, root), "no-metadata-row", f"image has no row in {meta.name}: "
-                                    "training does not read it", f"add a row for it to {meta.name}, or delete it"))
+            findings.append(
+                Finding(
+                    _rel(p, root),
+                    "no-metadata-row",
+                    f"image has no row in {meta.name}: training does not read it",
+                    f"add a row for it to {meta.name}, or delete it",
+                )
+            )
         elif p.suffix.lower() in UNSUPPORTED_IMAGE_EXTS:
-            findings.append(Finding(_rel(p, root), "ignored-file",
-                                    f"{p.suffix} images are not supported: training does not read it",
-                                    "convert it to PNG or JPEG"))
+            findings.append(
+                Finding(
+                    _rel(p, root),
+                    "ignored-file",
+                    f"{p.suffix} images are not supported: training does not read it",
+                    "convert it to PNG or JPEG",
+                )
+            )
     return entries, findings
 
 
@@ -488,8 +630,10 @@ def _scan_hf(images: CaptionedImages, caption_column: str) -> list[_Entry]:
     # Raw captions distinguish a missing value (None) from an empty one; CaptionedImages
     # keeps its datasets.Dataset in ``_hf`` (same package: read-only use).
     raw = images._hf[caption_column] if images._hf is not None else [it.caption for it in images.items]
-    return [_Entry(f"row {it.row}", row=it.row, caption=None if c is None else str(c).strip())
-            for it, c in zip(images.items, raw, strict=True)]
+    return [
+        _Entry(f"row {it.row}", row=it.row, caption=None if c is None else str(c).strip())
+        for it, c in zip(images.items, raw, strict=True)
+    ]
 
 
 def _case_collisions(root: Path, files: list[Path]) -> list[Finding]:
@@ -499,9 +643,16 @@ def _case_collisions(root: Path, files: list[Path]) -> list[Finding]:
     found = []
     for group in groups.values():
         first, *rest = sorted(group, key=lambda p: _rel(p, root))
-        found += [Finding(_rel(p, root), "case-collision", f"name differs from {_rel(first, root)} only in case: "
-                          "on Windows and macOS one file overwrites the other", "rename one of them")
-                  for p in rest]
+        found += [
+            Finding(
+                _rel(p, root),
+                "case-collision",
+                f"name differs from {_rel(first, root)} only in case: "
+                "on Windows and macOS one file overwrites the other",
+                "rename one of them",
+            )
+            for p in rest
+        ]
     return found
 
 
@@ -537,7 +688,9 @@ def check_dataset(
         layout = "imagefolder"
         entries, findings = _scan_imagefolder(root, files, caption_column)
         ignored_txt = sum(1 for p in files if p.suffix.lower() == ".txt")
-        notes = [f"{ignored_txt} .txt caption files are ignored: the metadata file wins"] if ignored_txt else []
+        notes = (
+            [f"{ignored_txt} .txt caption files are ignored: the metadata file wins"] if ignored_txt else []
+        )
     elif root.is_dir() and not ((root / "dataset_info.json").is_file() or (root / "state.json").is_file()):
         files = _files_under(root)
         layout, entries, findings = _scan_sidecars(root, files)
@@ -546,7 +699,11 @@ def check_dataset(
         files = []
         images = load_captioned_images(str(path), image_column, caption_column)
         layout, entries, findings, notes = images.layout, _scan_hf(images, caption_column), [], []
-        findings += [Finding(e.key, *p) for e in entries for p in _caption_problems(e.caption, f"fill its '{caption_column}' value")]
+        findings += [
+            Finding(e.key, *p)
+            for e in entries
+            for p in _caption_problems(e.caption, f"fill its '{caption_column}' value")
+        ]
     report = CheckReport(str(path), layout, resolution, notes=notes, entries=entries)
     findings += _check_images(report, images, progress)
     findings += _case_collisions(root, files)
@@ -557,8 +714,14 @@ def check_dataset(
     if resolution is None:
         report.notes.append("image sizes not compared to a training resolution: give --resolution R")
     if not entries and not any(f.severity == "error" for f in findings):
-        findings.append(Finding(".", "no-images", f"no images found in {root}",
-                                f"add images ({', '.join(sorted(IMAGE_EXTS))}) with captions"))
+        findings.append(
+            Finding(
+                ".",
+                "no-images",
+                f"no images found in {root}",
+                f"add images ({', '.join(sorted(IMAGE_EXTS))}) with captions",
+            )
+        )
     # dict.fromkeys: a file listed twice in metadata is still one finding per problem
     report.findings = sorted(dict.fromkeys(findings), key=lambda f: (f.file, _ORDER[f.problem]))
     return report
@@ -575,16 +738,28 @@ def _check_images(report: CheckReport, images: CaptionedImages | None, progress:
         try:
             data = entry.path.read_bytes() if entry.path is not None else images.image_bytes(i)
         except Exception as e:
-            findings.append(Finding(entry.key, "unreadable-image", f"cannot read the image ({_one_line(e)})",
-                                    "fix the file's permissions or the dataset's image column"))
+            findings.append(
+                Finding(
+                    entry.key,
+                    "unreadable-image",
+                    f"cannot read the image ({_one_line(e)})",
+                    "fix the file's permissions or the dataset's image column",
+                )
+            )
             continue
         findings += [Finding(entry.key, *p) for p in inspect_image(data, report.resolution)]
         if data:
             digest = hashlib.sha256(data).hexdigest()
             first = first_with_hash.setdefault(digest, entry.key)
             if first != entry.key:
-                findings.append(Finding(entry.key, "duplicate-image", f"same bytes as {first} (sha256 {digest[:12]}): "
-                                        "it trains twice as often", "delete one copy (or use repeats on purpose)"))
+                findings.append(
+                    Finding(
+                        entry.key,
+                        "duplicate-image",
+                        f"same bytes as {first} (sha256 {digest[:12]}): it trains twice as often",
+                        "delete one copy (or use repeats on purpose)",
+                    )
+                )
     bar.close()
     return findings
 
@@ -594,14 +769,23 @@ def load_tokenizer(base: str, revision: str | None = None):
     """Only the base model's tokenizer (no weights): what the token-length check needs."""
     from transformers import CLIPTokenizer
 
+    fix = "point it at a diffusers model folder (with tokenizer/) or a hub id"
+    local = Path(base).expanduser()
+    if local.exists() and not any(
+        (local / "tokenizer" / f).is_file() for f in ("vocab.json", "tokenizer.json")
+    ):
+        # transformers 5 would silently build an empty tokenizer from a folder without its files.
+        raise ModelError(f"cannot load the tokenizer of {base} (no tokenizer/vocab.json), --base, {fix}")
     try:
-        return CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision)
+        tok = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision)
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(
-            f"cannot load the tokenizer of {base}, --base, point it at a diffusers model folder "
-            f"(with tokenizer/) or a hub id ({_one_line(first, 120)})"
+            f"cannot load the tokenizer of {base}, --base, {fix} ({_one_line(first, 120)})"
         ) from e
+    if len(tok) <= 2:
+        raise ModelError(f"the tokenizer of {base} is empty, --base, {fix}")
+    return tok
 
 
 def checked_images(
@@ -625,10 +809,14 @@ def checked_images(
         raise DataError(problems[0], problems)
     kept = [e for e in report.entries if e.key not in skip]
     if not kept:
-        raise DataError(f"every image has an error, {report.root}, fix them (see loracraft check-data {report.root})")
+        raise DataError(
+            f"every image has an error, {report.root}, fix them (see loracraft check-data {report.root})"
+        )
     if skip and report.layout in ("txt-sidecars", "kohya-repeats"):
         # load_captioned_images refuses missing/non-UTF-8 captions; the scan has the same items in the same order.
-        images = CaptionedImages([Item(e.caption, e.path, repeats=e.repeats) for e in kept], report.layout, report.root)
+        images = CaptionedImages(
+            [Item(e.caption, e.path, repeats=e.repeats) for e in kept], report.layout, report.root
+        )
     else:
         images = load_captioned_images(report.root, image_column, caption_column)
         if skip:
@@ -667,7 +855,9 @@ def register(subparsers) -> None:
 
 def cmd_check_data(args: argparse.Namespace) -> int:
     if args.resolution is not None and args.resolution <= 0:
-        raise UsageError(f"--resolution must be positive (got {args.resolution}), command line, e.g. --resolution 512")
+        raise UsageError(
+            f"--resolution must be positive (got {args.resolution}), command line, e.g. --resolution 512"
+        )
     root = Path(args.data_dir).expanduser()
     if not root.exists() and (args.data_dir.startswith((".", "/", "~")) or args.data_dir.count("/") != 1):
         raise DataError(f"dataset folder not found, {root}, check the path")

@@ -21,7 +21,9 @@ from PIL import Image
 from loracraft.infer.scenes import COLOURS, SHAPES, Scene, render
 
 #: A caption well over CLIP's 77-token limit (with any CLIP vocabulary).
-LONG_CAPTION = ", ".join(f"a {c} {s} on a {b} background" for c in COLOURS for s in SHAPES for b in ("red", "blue"))
+LONG_CAPTION = ", ".join(
+    f"a {c} {s} on a {b} background" for c in COLOURS for s in SHAPES for b in ("red", "blue")
+)
 
 
 def _scene(i: int, px: int = 32, size: tuple[int, int] | None = None) -> Image.Image:
@@ -52,29 +54,31 @@ def _messy_images() -> dict[str, bytes]:
     palette = _scene(15).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
     sixteen = (np.asarray(_scene(14).convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
     floats = np.asarray(_scene(22).convert("L"), dtype=np.float32)
-    files.update({
-        "empty.png": b"",
-        "not_an_image.png": b"this is a text file with an image extension\n",
-        "corrupt.png": bytes(corrupt),
-        "truncated.jpg": jpeg[: len(jpeg) // 2],
-        "no_iend.png": _encode(_scene(12), "PNG")[:-12],  # IEND chunk missing, pixels complete
-        "cmyk.jpg": _encode(_scene(13).convert("CMYK"), "JPEG", quality=95),
-        "sixteen.png": _encode(Image.fromarray(sixteen), "PNG"),
-        "palette.png": _encode(palette, "PNG", transparency=0),
-        "rgba.png": _encode(rgba, "PNG"),
-        "float.tif": _encode(Image.fromarray(floats), "TIFF"),
-        "small.png": _encode(_scene(17, px=16), "PNG"),
-        "wide.png": _encode(_scene(18, size=(96, 32)), "PNG"),
-        "rotated.jpg": _encode(_scene(19, size=(48, 32)), "JPEG", quality=95, exif=exif.tobytes()),
-        "uncaptioned.png": _encode(_scene(20), "PNG"),
-        "blank.png": _encode(_scene(21), "PNG"),
-        "long.png": _encode(_scene(23), "PNG"),
-        "latin1.png": _encode(_scene(24), "PNG"),
-        "bom.png": _encode(_scene(25), "PNG"),
-        "good_0_copy.png": files["good_0.png"],
-        "Case.png": _encode(_scene(26), "PNG"),
-        "case.png": _encode(_scene(27), "PNG"),
-    })
+    files.update(
+        {
+            "empty.png": b"",
+            "not_an_image.png": b"this is a text file with an image extension\n",
+            "corrupt.png": bytes(corrupt),
+            "truncated.jpg": jpeg[: len(jpeg) // 2],
+            "no_iend.png": _encode(_scene(12), "PNG")[:-12],  # IEND chunk missing, pixels complete
+            "cmyk.jpg": _encode(_scene(13).convert("CMYK"), "JPEG", quality=95),
+            "sixteen.png": _encode(Image.fromarray(sixteen), "PNG"),
+            "palette.png": _encode(palette, "PNG", transparency=0),
+            "rgba.png": _encode(rgba, "PNG"),
+            "float.tif": _encode(Image.fromarray(floats), "TIFF"),
+            "small.png": _encode(_scene(17, px=16), "PNG"),
+            "wide.png": _encode(_scene(18, size=(96, 32)), "PNG"),
+            "rotated.jpg": _encode(_scene(19, size=(48, 32)), "JPEG", quality=95, exif=exif.tobytes()),
+            "uncaptioned.png": _encode(_scene(20), "PNG"),
+            "blank.png": _encode(_scene(21), "PNG"),
+            "long.png": _encode(_scene(23), "PNG"),
+            "latin1.png": _encode(_scene(24), "PNG"),
+            "bom.png": _encode(_scene(25), "PNG"),
+            "good_0_copy.png": files["good_0.png"],
+            "Case.png": _encode(_scene(26), "PNG"),
+            "case.png": _encode(_scene(27), "PNG"),
+        }
+    )
     return files
 
 
@@ -91,7 +95,15 @@ def write_messy_dataset(out_dir: str | Path, layout: str = "txt") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     images = _messy_images()
     if layout == "jsonl":
-        keep = ["good_0.png", "good_1.png", "good_2.png", "good_3.png", "corrupt.png", "blank.png", "uncaptioned.png"]
+        keep = [
+            "good_0.png",
+            "good_1.png",
+            "good_2.png",
+            "good_3.png",
+            "corrupt.png",
+            "blank.png",
+            "uncaptioned.png",
+        ]
         for name in keep + ["long.png"]:
             (out / name).write_bytes(images[name])
         (out / "long.png").rename(out / "norow.png")

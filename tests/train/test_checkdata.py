@@ -161,7 +161,11 @@ def test_saved_dataset_rows(tmp_path):
     good = (write_messy_dataset(tmp_path / "src") / "good_1.png").read_bytes()
     ds = Dataset.from_dict(
         {
-            "image": [{"bytes": good, "path": None}, {"bytes": good[:-200], "path": None}, {"bytes": b"junk", "path": None}],
+            "image": [
+                {"bytes": good, "path": None},
+                {"bytes": good[:-200], "path": None},
+                {"bytes": b"junk", "path": None},
+            ],
             "text": ["fine", None, "junk bytes"],
         },
         features=Features({"image": Image(), "text": Value("string")}),
@@ -169,17 +173,30 @@ def test_saved_dataset_rows(tmp_path):
     ds.save_to_disk(str(tmp_path / "saved"))
     rep = check_dataset(tmp_path / "saved", progress=False)
     assert rep.layout == "saved-dataset"
-    assert rep.by_file() == {"row 1": [("truncated-image", E), ("missing-caption", E)], "row 2": [("unreadable-image", E)]}
+    assert rep.by_file() == {
+        "row 1": [("truncated-image", E), ("missing-caption", E)],
+        "row 2": [("unreadable-image", E)],
+    }
     images, skipped = checked_images(rep, "skip")
-    assert len(images) == 1 and images.caption(0) == "fine" and {f.file for f in skipped} == {"row 1", "row 2"}
+    assert (
+        len(images) == 1 and images.caption(0) == "fine" and {f.file for f in skipped} == {"row 1", "row 2"}
+    )
 
 
 @pytest.mark.parametrize(
     "content, problem, needle",
     [
-        ('{"file_name": "a.png", "text": "x"}\n{not json\n', "bad-metadata", "line 2 of metadata.jsonl is not JSON"),
+        (
+            '{"file_name": "a.png", "text": "x"}\n{not json\n',
+            "bad-metadata",
+            "line 2 of metadata.jsonl is not JSON",
+        ),
         ('{"text": "x"}\n', "bad-metadata", "has no file_name"),
-        ('{"file_name": "a.png", "caption": "x"}\n', "missing-column", "no 'text' field (fields: caption)"),
+        (
+            '{"file_name": "a.png", "caption": "x"}\n',
+            "missing-column",
+            "no column 'text' (fields in metadata.jsonl: caption)",
+        ),
     ],
 )
 def test_unreadable_metadata_is_fatal(tmp_path, content, problem, needle):
@@ -242,7 +259,11 @@ def test_skip_on_imagefolder_drops_rows(messy_jsonl):
     rep = check_dataset(messy_jsonl[0], progress=False)
     images, skipped = checked_images(rep, "skip")
     assert sorted(images.caption(i) for i in range(len(images))) == [
-        "", "caption of good_0.png", "caption of good_1.png", "caption of good_2.png", "caption of good_3.png",
+        "",
+        "caption of good_0.png",
+        "caption of good_1.png",
+        "caption of good_2.png",
+        "caption of good_3.png",
     ]
     assert {f.file for f in skipped} == {"corrupt.png", "gone.png", "uncaptioned.png"}
     images.fingerprint()  # reads every kept image: the missing file is really gone from the list
@@ -254,7 +275,14 @@ def _cfg(tiny_sd, data, out, *over):
 
     return build_config(
         {"model": {"base": str(tiny_sd)}, "data": {"path": str(data), "resolution": 32}},
-        ["train.batch_size=2", "train.max_steps=1", "lora.rank=2", "output.report_to=[]", f"output.dir={out}", *over],
+        [
+            "train.batch_size=2",
+            "train.max_steps=1",
+            "lora.rank=2",
+            "output.report_to=[]",
+            f"output.dir={out}",
+            *over,
+        ],
     )
 
 
@@ -302,8 +330,16 @@ def skip_run(tiny_sd, messy, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("skip") / "run"
     cfg = _cfg(
-        tiny_sd, messy[0], out, "data.on_error=skip", "output.report_to=[tensorboard]", "checkpoint.every=1",
-        "validation.prompts=[a red circle]", "validation.every=1", "validation.num_images=1", "validation.steps=2",
+        tiny_sd,
+        messy[0],
+        out,
+        "data.on_error=skip",
+        "output.report_to=[tensorboard]",
+        "checkpoint.every=1",
+        "validation.prompts=[a red circle]",
+        "validation.every=1",
+        "validation.num_images=1",
+        "validation.steps=2",
     )
     env = {"HF_TOKEN": SECRET, "HUGGING_FACE_HUB_TOKEN": SECRET, "WANDB_API_KEY": SECRET}
     saved = {k: os.environ.get(k) for k in env}
