@@ -1,0 +1,1058 @@
+"""Training-speed benchmark: loracraft's step against the floor and the diffusers reference.
+
+What is measured (issue 6, item 4), in one run and on the same data, for each model:
+
+====  ======================================================================================
+(a)   the *floor*: bare UNet forward + backward + AdamW with the same peft LoRA, on latents
+      and text embeddings computed once beforehand; same dtype, threads, attention
+      implementation and compile setting as (b) (checked, see ``describe_unet``).
+(b)   loracraft's real optimizer step (``LoraTrainer._optimizer_step``) with ``train.cache=true``.
+(c)   the same with ``train.cache=false`` (VAE + text encoder every step).
+(d)   ``ReferenceRunner``: our own re-implementation of the per-step work of diffusers'
+      ``examples/text_to_image/train_text_to_image_lora.py`` - image decode + resize/crop/
+      flip/to-tensor/normalize in a torch DataLoader over a ``datasets`` imagefolder, then
+      VAE encode + text encode + UNet forward/backward + clip + AdamW every step.
+====  ======================================================================================
+
+How:
+
+- every variant lives in its own process, forked from a *forkserver* that has imported the
+  heavy libraries once (fast start, and a fork-safe parent that never ran a parallel op);
+  peak RSS is that process's ``getrusage(RUSAGE_SELF).ru_maxrss``, so variants cannot
+  contaminate each other's peak; the baseline every process starts from (the imports) is
+  reported beside it;
+- all variants of a model are set up first (one at a time), then driven in *rounds*: each
+  round runs one timed window of ``window`` steps in every variant, in a rotated order, while
+  the others sit idle on their pipe - so load from other work on the machine hits all of them
+  alike; ``warmup`` steps per variant are run first and discarded; steps/s is the median
+  over the windows;
+- the one-time caching cost is timed around the trainer's cache fill when it exposes one
+  (``_setup_cache``), otherwise as setup time of (b) minus setup time of (c).
+
+Adding a measurement line (e.g. issue 7's 1-vs-2-process throughput): a variant is an entry
+of ``VARIANTS`` (how to build its runner, and ``processes`` - samples/s is computed from
+``batch_size * processes``), and ``ratios()`` is the one place that turns the per-variant
+figures into the printed/JSON ratios; a multi-process variant needs its own ``Worker`` kind
+(launched with torchrun, rank 0 answering on the pipe) next to ``ForkWorker``/``InlineWorker``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- models
+#: SD1.5's topology, scaled down: UNet channels (320, 640, 1280, 1280) / 5 -> 34.5 M params (the
+#: size of the model measured-facts.md timed the real reference script on), cross-attention in
+#: the first three of 4 down blocks, 2 layers per block; VAE (128, 256, 512, 512) / 4 with 4
+#: blocks (downsample x8: latents at 1/8 of the image side); CLIP text encoder 768 x 12 -> 128 x 4.
+#: At 64 px and batch 4 its VAE encode costs ~40% of a UNet fwd+bwd here, as in those notes.
+SD15_SMALL_SHAPE = dict(
+    unet_channels=(64, 128, 256, 256),
+    unet_layers=2,
+    vae_channels=(32, 64, 128, 128),
+    vae_layers=2,
+    text_hidden=128,
+    text_layers=4,
+    text_heads=4,
+    cross_attention_dim=128,
+    attention_head_dim=8,  # diffusers' name for the number of heads in SD1.x configs
+    sample_size=64,
+)
+
+
+def build_sd15_small(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Build a random-initialised, SD1.5-shaped, scaled-down pipeline in diffusers format.
+
+    Same architecture classes and topology as ``runwayml/stable-diffusion-v1-5`` (4 down
+    blocks, cross-attention in 3, VAE factor 8, CLIP text encoder), so the balance between
+    UNet, VAE and text encoder - what decides the cache's gain - has realistic proportions.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from loracraft.infer.testing import build_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out_dir)
+    s = SD15_SMALL_SHAPE
+    torch.manual_seed(seed)
+    vae_factor = 2 ** (len(s["vae_channels"]) - 1)
+    unet = UNet2DConditionModel(
+        sample_size=s["sample_size"] // vae_factor,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=s["unet_channels"],
+        layers_per_block=s["unet_layers"],
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=s["cross_attention_dim"],
+        attention_head_dim=s["attention_head_dim"],
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=s["vae_channels"],
+        down_block_types=("DownEncoderBlock2D",) * len(s["vae_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(s["vae_channels"]),
+        latent_channels=4,
+        layers_per_block=s["vae_layers"],
+        norm_num_groups=32,
+        sample_size=s["sample_size"],
+    )
+    tokenizer = build_tokenizer(out / "tokenizer")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=s["text_hidden"],
+            intermediate_size=s["text_hidden"] * 4,
+            num_hidden_layers=s["text_layers"],
+            num_attention_heads=s["text_heads"],
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out))
+    DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")  # trainers read it as DDPM
+    return out
+
+
+def _build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
+    from loracraft.infer.testing import build_tiny_sd
+
+    return build_tiny_sd(out_dir, seed=seed)
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A model to benchmark on: how to build it, and the training resolution it is measured at."""
+
+    name: str
+    builder: Callable[..., Path]
+    resolution: int
+    image_px: int  # side of the dataset's images (larger than resolution: resize is real work)
+
+
+MODELS: dict[str, BenchModel] = {
+    "sd15-small": BenchModel("sd15-small", build_sd15_small, resolution=64, image_px=128),
+    "tiny": BenchModel("tiny", _build_tiny, resolution=32, image_px=64),
+}
+
+
+# ----------------------------------------------------------------------------- what one model's run shares
+@dataclass
+class BenchSpec:
+    """Everything a variant needs to set itself up; identical for every variant of one model."""
+
+    model: str
+    model_dir: str
+    data_dir: str
+    work_dir: str
+    resolution: int
+    batch_size: int = 4
+    rank: int = 4
+    lr: float = 1e-4
+    seed: int = 0
+    threads: int = 2
+    center_crop: bool = True
+    random_flip: bool = True
+    max_grad_norm: float = 1.0
+    num_workers: int = 0  # DataLoader workers of (d); the reference script's default is 0
+    overrides: list[str] = field(default_factory=list)  # extra loracraft overrides for (b) and (c)
+
+    def loracraft_overrides(self, cache: bool, out_dir: str) -> list[str]:
+        return [
+            f"data.resolution={self.resolution}",
+            f"data.center_crop={str(self.center_crop).lower()}",
+            f"data.random_flip={str(self.random_flip).lower()}",
+            f"train.batch_size={self.batch_size}",
+            f"train.lr={self.lr}",
+            f"train.seed={self.seed}",
+            f"train.max_grad_norm={self.max_grad_norm}",
+            "train.max_steps=1000000000",
+            f"lora.rank={self.rank}",
+            f"lora.alpha={self.rank}",
+            "lora.targets=attn",
+            "checkpoint.every=1000000000",
+            "output.report_to=[]",
+            f"output.dir={out_dir}",
+            f"train.cache={str(cache).lower()}",
+            f"train.cache_dir={Path(out_dir).parent / 'cache'}",  # fresh per variant: a cold cache
+            *self.overrides,
+        ]
+
+    def loracraft_config(self, cache: bool, out_dir: str):
+        from loracraft.train.config import build_config
+
+        return build_config(
+            {"model": {"base": self.model_dir}, "data": {"path": self.data_dir}},
+            self.loracraft_overrides(cache, out_dir),
+            source="benchmark",
+        )
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The settings the floor must share with loracraft's step for the ratio to be honest."""
+
+    mixed_precision: str = "no"
+    compile: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> StepSettings:
+        t = cfg.train
+        return cls(
+            mixed_precision=t.mixed_precision,
+            compile=bool(getattr(t, "compile", False)),
+            channels_last=bool(getattr(t, "channels_last", False)),
+        )
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.mixed_precision]
+
+    def autocast(self):
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.weight_dtype)
+
+
+def describe_unet(unet: torch.nn.Module) -> dict:
+    """What decides a step's speed, as seen on the live model (compared between (a) and (b))."""
+    base = getattr(unet, "_orig_mod", unet)
+    base = getattr(base, "module", base)
+    conv = base.conv_in.weight
+    return {
+        "threads": torch.get_num_threads(),
+        "unet_dtype": str(conv.dtype).removeprefix("torch."),
+        "attention": sorted({type(p).__name__ for p in base.attn_processors.values()}),
+        "compiled": hasattr(unet, "_orig_mod") or hasattr(getattr(unet, "module", None), "_orig_mod"),
+        "channels_last": bool(
+            conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        ),
+        "gradient_checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
+    }
+
+
+def lora_modules(unet: torch.nn.Module) -> list[str]:
+    """Sorted ``name:shape`` of every trainable parameter, wrapper prefixes removed."""
+    out = []
+    for name, p in unet.named_parameters():
+        if p.requires_grad:
+            for prefix in ("_orig_mod.", "module."):
+                name = name.replace(prefix, "")
+            out.append(f"{name}:{tuple(p.shape)}")
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------- reference transforms
+# The reference script composes torchvision transforms; these are the same operations with
+# PIL/numpy (torchvision is not a dependency): Resize(shorter side, bilinear), CenterCrop or
+# RandomCrop, RandomHorizontalFlip(p=0.5) or nothing, ToTensor, Normalize(0.5, 0.5).
+def ref_resize(img, size: int):
+    from PIL import Image
+
+    w, h = img.size
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
+    return img.resize((nw, nh), Image.BILINEAR)
+
+
+def ref_crop(img, size: int, center: bool, rng: random.Random):
+    w, h = img.size
+    if center:
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    else:
+        top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+    return img.crop((left, top, left + size, top + size))
+
+
+def ref_to_normalized_tensor(img) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.float32) / 255.0  # ToTensor: [0, 1], CHW
+    arr = (arr - 0.5) / 0.5  # Normalize([0.5], [0.5]): [-1, 1]
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+class _ReferenceTransform:
+    """The per-row ``with_transform`` of the reference: RGB convert, image transforms, tokenize."""
+
+    def __init__(self, tokenizer, resolution: int, center_crop: bool, random_flip: bool, seed: int):
+        self.tokenizer, self.resolution = tokenizer, resolution
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.rng = random.Random(seed)
+
+    def image(self, img) -> torch.Tensor:
+        from PIL import ImageOps
+
+        img = ref_crop(
+            ref_resize(img.convert("RGB"), self.resolution), self.resolution, self.center_crop, self.rng
+        )
+        if self.random_flip and self.rng.random() < 0.5:
+            img = ImageOps.mirror(img)
+        return ref_to_normalized_tensor(img)
+
+    def __call__(self, rows: dict) -> dict:
+        ids = self.tokenizer(
+            list(rows["text"]),
+            max_length=self.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return {"pixel_values": [self.image(im) for im in rows["image"]], "input_ids": list(ids)}
+
+
+def _reference_collate(rows: list[dict]) -> dict:
+    pixels = torch.stack([r["pixel_values"] for r in rows]).to(memory_format=torch.contiguous_format).float()
+    return {"pixel_values": pixels, "input_ids": torch.stack([r["input_ids"] for r in rows])}
+
+
+# ----------------------------------------------------------------------------- runners (one per variant)
+class Runner:
+    """One variant: ``setup()`` once (returns extra figures), then ``run(n)`` steps (returns the last loss)."""
+
+    def __init__(self, spec: BenchSpec, work: Path):
+        self.spec, self.work = spec, work
+
+    def setup(self) -> dict:
+        raise NotImplementedError
+
+    def run(self, steps: int) -> float:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        unet = self.unet
+        return {
+            "settings": describe_unet(unet),
+            "lora_modules": lora_modules(unet),
+            "lora_params": sum(p.numel() for p in unet.parameters() if p.requires_grad),
+            "unet_params": sum(p.numel() for p in unet.parameters()),
+        }
+
+
+def floor_inputs_path(spec: BenchSpec) -> Path:
+    return Path(spec.work_dir) / "floor_inputs.safetensors"
+
+
+def prepare_floor_inputs(spec: BenchSpec) -> Path:
+    """Latents (posterior mean x scaling factor) and text embeddings of the whole dataset, once.
+
+    Computed here, outside every measured process, so the floor's process never holds the
+    VAE or the text encoder.
+    """
+    from datasets import load_dataset
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    out = floor_inputs_path(spec)
+    if out.is_file():
+        return out
+    ds = load_dataset("imagefolder", data_dir=spec.data_dir, split="train")
+    tok = CLIPTokenizer.from_pretrained(spec.model_dir, subfolder="tokenizer")
+    vae = AutoencoderKL.from_pretrained(spec.model_dir, subfolder="vae").eval()
+    te = CLIPTextModel.from_pretrained(spec.model_dir, subfolder="text_encoder").eval()
+    transform = _ReferenceTransform(tok, spec.resolution, True, False, spec.seed)
+    with torch.no_grad():
+        pixels = torch.stack([transform.image(im) for im in ds["image"]])
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        ids = tok(
+            list(ds["text"]),
+            max_length=tok.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        text = te(ids)[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous(), "text": text.contiguous()}, str(out))
+    return out
+
+
+class FloorRunner(Runner):
+    """(a) UNet forward + backward + AdamW with the same LoRA, on precomputed inputs only."""
+
+    def setup(self) -> dict:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from loracraft.train.config import ATTN_TARGETS
+        from peft import LoraConfig
+        from safetensors.torch import load_file
+
+        s = self.spec
+        # The same settings loracraft resolves from the same overrides (dtype, compile, layout).
+        self.settings = StepSettings.from_config(s.loracraft_config(True, str(self.work / "unused")))
+        torch.manual_seed(s.seed)
+        inputs = load_file(str(floor_inputs_path(s)))
+        self.latents, self.text = inputs["latents"], inputs["text"]
+        self.scheduler = DDPMScheduler.from_pretrained(s.model_dir, subfolder="scheduler")
+        unet = UNet2DConditionModel.from_pretrained(s.model_dir, subfolder="unet")
+        unet.requires_grad_(False)
+        if self.settings.weight_dtype != torch.float32:
+            unet.to(dtype=self.settings.weight_dtype)
+        unet.add_adapter(
+            LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian", target_modules=ATTN_TARGETS)
+        )
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        if self.settings.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        unet.train()
+        self.unet = torch.compile(unet) if self.settings.compile else unet
+        self.optimizer = torch.optim.AdamW(params, lr=s.lr)
+        self.order: list[int] = []
+        self.gen = random.Random(s.seed)
+        self.latents = self.latents.to(self.settings.weight_dtype)
+        self.text = self.text.to(self.settings.weight_dtype)
+        return {}
+
+    def _indices(self) -> list[int]:
+        while len(self.order) < self.spec.batch_size:
+            perm = list(range(len(self.latents)))
+            self.gen.shuffle(perm)
+            self.order += perm
+        idx, self.order = self.order[: self.spec.batch_size], self.order[self.spec.batch_size :]
+        return idx
+
+    def run(self, steps: int) -> float:
+        import torch.nn.functional as F
+
+        for _ in range(steps):
+            idx = self._indices()
+            latents, text = self.latents[idx], self.text[idx]
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(idx),))
+            noisy = self.scheduler.add_noise(latents, noise, t)
+            with self.settings.autocast():
+                pred = self.unet(noisy, t, text).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+class LoracraftRunner(Runner):
+    """(b)/(c) loracraft's ``LoraTrainer``: real ``setup()``, real ``_optimizer_step()``."""
+
+    def __init__(self, spec: BenchSpec, work: Path, cache: bool):
+        super().__init__(spec, work)
+        self.cache = cache
+
+    def setup(self) -> dict:
+        from accelerate.state import AcceleratorState
+        from loracraft.train.loop import LoraTrainer
+
+        cfg = self.spec.loracraft_config(self.cache, str(self.work / "run"))
+        AcceleratorState._reset_state(reset_partial_state=True)
+        self.trainer = trainer = LoraTrainer(cfg)
+        timed: dict[str, float] = {}
+        fill = getattr(trainer, "_setup_cache", None)
+        if fill is not None:  # time the one-time cache fill directly
+
+            def timed_fill(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return fill(*args, **kwargs)
+                finally:
+                    timed["cache_s"] = time.perf_counter() - t0
+
+            trainer._setup_cache = timed_fill
+        trainer.setup()
+        self.unet = trainer.accelerator.unwrap_model(trainer.unet)
+        self.described_unet = trainer.unet
+        return timed
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["settings"]["compiled"] = d["settings"]["compiled"] or hasattr(self.described_unet, "_orig_mod")
+        d["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
+        return d
+
+    def run(self, steps: int) -> float:
+        for _ in range(steps):
+            loss = self.trainer._optimizer_step()
+            self.trainer.step += 1
+        return float(loss.detach())
+
+
+class ReferenceRunner(Runner):
+    """(d) the per-step work of diffusers' ``train_text_to_image_lora.py``, re-implemented.
+
+    Same order of setup (freeze -> cast frozen parts -> add LoRA -> AdamW -> prepare) and the
+    same per-step work: a shuffled DataLoader over a ``datasets`` imagefolder whose transform
+    decodes, resizes, crops, flips, normalizes and tokenizes each row; VAE encode (sampled
+    posterior) and text encode every step; epsilon/v target; mean MSE; gathered loss read to
+    the host; backward; clip; AdamW; LR scheduler; progress bar.
+    """
+
+    def setup(self) -> dict:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from datasets import load_dataset
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers.optimization import get_scheduler
+        from loracraft.train.config import ATTN_TARGETS
+        from peft import LoraConfig
+        from tqdm.auto import tqdm
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        s = self.spec
+        self.acc = acc = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
+        set_seed(s.seed)
+        base = s.model_dir
+        self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+        self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        for m in (unet, self.vae, self.text_encoder):
+            m.requires_grad_(False)
+            m.to(acc.device)  # weight_dtype is fp32 here (mixed_precision "no"), so no cast
+        unet.add_adapter(
+            LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian", target_modules=ATTN_TARGETS)
+        )
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=s.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        ds = load_dataset("imagefolder", data_dir=s.data_dir, split="train")
+        ds = ds.with_transform(
+            _ReferenceTransform(tokenizer, s.resolution, s.center_crop, s.random_flip, s.seed)
+        )
+        loader = torch.utils.data.DataLoader(
+            ds,
+            shuffle=True,
+            collate_fn=_reference_collate,
+            batch_size=s.batch_size,
+            num_workers=s.num_workers,
+        )
+        lr_scheduler = get_scheduler(
+            "constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10**9
+        )
+        self.unet, self.optimizer, self.loader, self.lr_scheduler = acc.prepare(
+            unet, optimizer, loader, lr_scheduler
+        )
+        self.batches = iter(self.loader)
+        self.bar = tqdm(total=10**9, desc="Steps", file=sys.stderr, disable=not acc.is_local_main_process)
+        self.global_step = 0
+        return {}
+
+    def _next_batch(self) -> dict:
+        try:
+            return next(self.batches)
+        except StopIteration:  # a new epoch, as the reference's `for epoch ...` loop starts one
+            self.batches = iter(self.loader)
+            return next(self.batches)
+
+    def run(self, steps: int) -> float:
+        import torch.nn.functional as F
+
+        acc, sched = self.acc, self.noise_scheduler
+        for _ in range(steps):
+            batch = self._next_batch()
+            train_loss = 0.0
+            with acc.accumulate(self.unet):
+                latents = self.vae.encode(batch["pixel_values"]).latent_dist.sample()
+                latents = latents * self.vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                bsz = latents.shape[0]
+                timesteps = torch.randint(
+                    0, sched.config.num_train_timesteps, (bsz,), device=latents.device
+                ).long()
+                noisy = sched.add_noise(latents, noise, timesteps)
+                text = self.text_encoder(batch["input_ids"], return_dict=False)[0]
+                if sched.config.prediction_type == "v_prediction":
+                    target = sched.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                pred = self.unet(noisy, timesteps, text, return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+                avg_loss = acc.gather(loss.repeat(self.spec.batch_size)).mean()
+                train_loss += avg_loss.item()
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad()
+            if acc.sync_gradients:
+                self.bar.update(1)
+                self.global_step += 1
+                acc.log({"train_loss": train_loss}, step=self.global_step)
+            self.bar.set_postfix(step_loss=loss.detach().item(), lr=self.lr_scheduler.get_last_lr()[0])
+        return float(loss.detach())
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["settings"] = describe_unet(self.acc.unwrap_model(self.unet))
+        return d
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    make: Callable[[BenchSpec, Path], Runner]
+    processes: int = 1  # samples per step = batch_size * processes
+
+
+VARIANTS: dict[str, Variant] = {
+    v.key: v
+    for v in (
+        Variant("a", "floor: UNet fwd+bwd+AdamW, precomputed inputs", FloorRunner),
+        Variant("b", "loracraft, train.cache=true", lambda s, w: LoracraftRunner(s, w, cache=True)),
+        Variant("c", "loracraft, train.cache=false", lambda s, w: LoracraftRunner(s, w, cache=False)),
+        Variant("d", "diffusers reference script (re-implemented)", ReferenceRunner),
+    )
+}
+
+
+# ----------------------------------------------------------------------------- workers (process isolation)
+#: Imported once by the forkserver so each variant's process starts in milliseconds.
+_PRELOAD = [
+    "torch",
+    "numpy",
+    "PIL.Image",
+    "safetensors.torch",
+    "datasets",
+    "transformers",
+    "peft",
+    "accelerate",
+    "diffusers",
+    "diffusers.models.unets.unet_2d_condition",
+    "diffusers.models.autoencoders.autoencoder_kl",
+    "transformers.models.clip.modeling_clip",
+    "loracraft.train.loop",
+    "loracraft.train.bench",
+]
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+class VariantServer:
+    """Answers the commands of one variant: setup / run N steps / quit (timed inside the process)."""
+
+    def __init__(self, variant: str, spec: BenchSpec):
+        self.variant, self.spec = variant, spec
+        self.runner: Runner | None = None
+
+    def handle(self, msg: dict) -> dict:
+        try:
+            if msg["cmd"] == "setup":
+                start_rss = _maxrss_mb()
+                torch.set_num_threads(self.spec.threads)
+                work = Path(self.spec.work_dir) / self.variant
+                work.mkdir(parents=True, exist_ok=True)
+                self.runner = VARIANTS[self.variant].make(self.spec, work)
+                t0 = time.perf_counter()
+                extra = self.runner.setup()
+                setup_s = time.perf_counter() - t0
+                return {"setup_s": setup_s, "start_rss_mb": start_rss, **extra, **self.runner.describe()}
+            if msg["cmd"] == "run":
+                t0 = time.perf_counter()
+                loss = self.runner.run(msg["steps"])
+                return {"seconds": time.perf_counter() - t0, "loss": loss}
+            if msg["cmd"] == "quit":
+                return {"peak_rss_mb": _maxrss_mb()}
+            return {"error": f"unknown command {msg['cmd']!r}"}
+        except Exception:
+            return {"error": traceback.format_exc()}
+
+
+def _worker_main(conn, variant: str, spec_dict: dict, log_path: str) -> None:
+    """Entry point of a forked variant process: library output goes to a log file."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    server = VariantServer(variant, BenchSpec(**spec_dict))
+    while True:
+        msg = conn.recv()
+        reply = server.handle(msg)
+        conn.send(reply)
+        if msg["cmd"] == "quit" or "error" in reply:
+            break
+    conn.close()
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+class ForkWorker:
+    """A variant in its own process (forked from the preloaded forkserver), driven over a pipe."""
+
+    isolated = True
+    _ctx = None
+
+    @classmethod
+    def context(cls):
+        if cls._ctx is None:
+            import multiprocessing as mp
+
+            cls._ctx = mp.get_context("forkserver")
+            cls._ctx.set_forkserver_preload(_PRELOAD)
+        return cls._ctx
+
+    def __init__(self, variant: str, spec: BenchSpec):
+        ctx = self.context()
+        self.variant = variant
+        self.log = Path(spec.work_dir) / f"{variant}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_worker_main, args=(child, variant, asdict(spec), str(self.log)), daemon=True
+        )
+        self.proc.start()
+        child.close()
+
+    def ask(self, msg: dict) -> dict:
+        self.conn.send(msg)
+        try:
+            reply = self.conn.recv()
+        except EOFError:
+            reply = {"error": f"process died (exit code {self.proc.exitcode})"}
+        if "error" in reply:
+            tail = self.log.read_text(errors="replace")[-3000:] if self.log.is_file() else ""
+            raise BenchError(f"variant ({self.variant}) failed: {reply['error']}\n--- log tail ---\n{tail}")
+        return reply
+
+    def close(self) -> None:
+        self.conn.close()
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+class InlineWorker:
+    """A variant in this process (tests, debugging): same commands; RSS figures are the process's."""
+
+    isolated = False
+
+    def __init__(self, variant: str, spec: BenchSpec):
+        self.variant = variant
+        self.server = VariantServer(variant, spec)
+
+    def ask(self, msg: dict) -> dict:
+        reply = self.server.handle(msg)
+        if "error" in reply:
+            raise BenchError(f"variant ({self.variant}) failed: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        self.server = None
+        gc.collect()
+
+
+# ----------------------------------------------------------------------------- measurement
+@dataclass
+class BenchConfig:
+    """One benchmark run. ``quick()`` is the configuration of ``--quick`` and of the test."""
+
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    batch_size: int = 4
+    rank: int = 4
+    images: int = 32  # dataset size; one epoch = ceil(images / batch_size) steps
+    warmup: int = 3  # steps per variant before timing, discarded
+    window: int = 5  # steps per timed window
+    rounds: int = 5  # timed windows per variant (steps/s = median over them)
+    threads: int = field(default_factory=torch.get_num_threads)
+    seed: int = 0
+    center_crop: bool = True
+    random_flip: bool = True
+    num_workers: int = 0
+    overrides: list[str] = field(default_factory=list)  # extra loracraft overrides for (b) and (c)
+    isolate: bool = True  # one process per variant (needed for per-variant peak RSS)
+    work_dir: str | None = None  # default: a temporary folder, removed afterwards
+
+    @classmethod
+    def quick(cls, **kw) -> BenchConfig:
+        return replace(cls(images=8, warmup=1, window=2, rounds=2), **kw)
+
+
+def _summarize(
+    variant: str, spec: BenchSpec, setup: dict, windows: list[float], quit_: dict, isolated: bool
+) -> dict:
+    v = VARIANTS[variant]
+    steps_per_s = statistics.median(windows)
+    return {
+        "label": v.label,
+        "processes": v.processes,
+        "steps_per_s": steps_per_s,
+        "samples_per_s": steps_per_s * spec.batch_size * v.processes,
+        "ms_per_step": 1000.0 / steps_per_s,
+        "window_steps_per_s": windows,
+        "setup_s": setup["setup_s"],
+        "cache_s": setup.get("cache_s"),
+        "start_rss_mb": setup["start_rss_mb"] if isolated else None,
+        "peak_rss_mb": quit_["peak_rss_mb"] if isolated else None,
+        "settings": setup["settings"],
+        "deterministic_algorithms": setup.get("deterministic_algorithms", False),
+        "lora_modules": setup["lora_modules"],
+        "lora_params": setup["lora_params"],
+        "unet_params": setup["unet_params"],
+    }
+
+
+def ratios(result: dict, spec: BenchSpec) -> dict:
+    """The figures the issue asks for, from one model's per-variant results (None when not measured).
+
+    This is the place to add a ratio line (e.g. issue 7's samples/s of 2 processes over 1).
+    """
+    v = result["variants"]
+
+    def speed(a: str, b: str) -> float | None:
+        return v[a]["steps_per_s"] / v[b]["steps_per_s"] if a in v and b in v else None
+
+    out = {
+        "b/a": speed("b", "a"),
+        "b/d": speed("b", "d"),
+        "c/a": speed("c", "a"),
+        "d/a": speed("d", "a"),
+        "b/c": speed("b", "c"),
+    }
+    rss = [v.get(k, {}).get("peak_rss_mb") for k in ("b", "d")]
+    out["rss_b/rss_d"] = rss[0] / rss[1] if all(rss) else None
+    out["cache_cost_s"] = out["uncached_epoch_s"] = out["cache_cost_epoch_fraction"] = None
+    if "b" in v and "c" in v:
+        cost = v["b"]["cache_s"]
+        out["cache_cost_source"] = "timed cache fill" if cost is not None else "setup(b) - setup(c)"
+        if cost is None:
+            cost = v["b"]["setup_s"] - v["c"]["setup_s"]
+        epoch_steps = math.ceil(result["images"] / spec.batch_size)
+        epoch_s = epoch_steps / v["c"]["steps_per_s"]
+        out.update(cache_cost_s=cost, uncached_epoch_s=epoch_s, cache_cost_epoch_fraction=cost / epoch_s)
+    return out
+
+
+def checks(result: dict) -> dict:
+    """Honesty checks: (a) and (b) train the same LoRA modules under the same step settings."""
+    v = result["variants"]
+    out: dict = {}
+    if "a" in v and "b" in v:
+        out["same_lora_modules_a_b"] = v["a"]["lora_modules"] == v["b"]["lora_modules"]
+        sa, sb = v["a"]["settings"], v["b"]["settings"]
+        out["settings_mismatch_a_b"] = {
+            k: [sa.get(k), sb.get(k)] for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)
+        }
+    if "d" in v and "b" in v:
+        out["same_lora_modules_d_b"] = v["d"]["lora_modules"] == v["b"]["lora_modules"]
+    return out
+
+
+def _ask_all(workers: dict, msg: dict) -> dict:
+    return {k: w.ask(msg) for k, w in workers.items()}
+
+
+def measure_model(
+    model: BenchModel, cfg: BenchConfig, root: Path, log: Callable[[str], None] = print
+) -> dict:
+    """Build ``model`` and its dataset under ``root`` and measure every variant of ``cfg`` on them."""
+    from loracraft.infer.testing import write_captioned_dataset
+
+    mroot = root / model.name
+    model_dir = mroot / "model"
+    if not (model_dir / "model_index.json").is_file():
+        model.builder(model_dir, seed=cfg.seed)
+    data_dir = write_captioned_dataset(mroot / "data", n=cfg.images, px=model.image_px, seed=cfg.seed)
+    spec = BenchSpec(
+        model=model.name,
+        model_dir=str(model_dir),
+        data_dir=str(data_dir),
+        work_dir=str(mroot / "work"),
+        resolution=model.resolution,
+        batch_size=cfg.batch_size,
+        rank=cfg.rank,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        num_workers=cfg.num_workers,
+        overrides=list(cfg.overrides),
+    )
+    if "a" in cfg.variants:
+        prepare_floor_inputs(spec)
+    worker_cls = ForkWorker if cfg.isolate else InlineWorker
+    workers = {k: worker_cls(k, spec) for k in cfg.variants}
+    try:
+        setups = {}
+        for k, w in workers.items():  # one at a time: setup times are not contended
+            log(f"  [{model.name}] setting up ({k}) {VARIANTS[k].label}")
+            setups[k] = w.ask({"cmd": "setup"})
+        log(f"  [{model.name}] warm-up: {cfg.warmup} steps each")
+        _ask_all(workers, {"cmd": "run", "steps": cfg.warmup})
+        windows: dict[str, list[float]] = {k: [] for k in workers}
+        keys = list(workers)
+        for r in range(cfg.rounds):
+            order = keys[r % len(keys) :] + keys[: r % len(keys)]  # rotate: no variant always goes first
+            for k in order:
+                windows[k].append(cfg.window / workers[k].ask({"cmd": "run", "steps": cfg.window})["seconds"])
+            log(
+                f"  [{model.name}] round {r + 1}/{cfg.rounds}: "
+                + "  ".join(f"({k}) {windows[k][-1]:.2f}" for k in keys)
+                + " steps/s"
+            )
+        quits = _ask_all(workers, {"cmd": "quit"})
+    finally:
+        for w in workers.values():
+            w.close()
+    isolated = worker_cls.isolated
+    result = {
+        "model": model.name,
+        "resolution": model.resolution,
+        "image_px": model.image_px,
+        "images": cfg.images,
+        "isolated": isolated,
+        "variants": {k: _summarize(k, spec, setups[k], windows[k], quits[k], isolated) for k in keys},
+    }
+    result["ratios"] = ratios(result, spec)
+    result["checks"] = checks(result)
+    return result
+
+
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
+    """Measure every model of ``cfg``; returns the JSON-able results (see ``format_report``)."""
+    import shutil
+
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_DATASETS_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+    ):
+        os.environ.setdefault(key, value)
+    unknown = [m for m in cfg.models if m not in MODELS] + [v for v in cfg.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"unknown model/variant {unknown}; models: {list(MODELS)}, variants: {list(VARIANTS)}"
+        )
+    root = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="loracraft-bench-"))
+    started = time.time()
+    load_before = os.getloadavg()
+    try:
+        models = {}
+        for name in cfg.models:
+            log(f"model {name}")
+            models[name] = measure_model(MODELS[name], cfg, root, log)
+    finally:
+        if cfg.work_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return {
+        "config": asdict(cfg),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": cfg.threads,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "wall_s": time.time() - started,
+        },
+        "models": models,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_report(results: dict) -> str:
+    """The printed table: one block per model, then its ratios and checks."""
+    lines = []
+    cfg = results["config"]
+    for name, r in results["models"].items():
+        any_v = next(iter(r["variants"].values()))
+        s = any_v["settings"]
+        lines.append(
+            f"\n{name}: UNet {any_v['unet_params'] / 1e6:.2f} M params, LoRA {any_v['lora_params']:,} params "
+            f"(rank {cfg['rank']}), {r['resolution']} px from {r['image_px']} px images, batch {cfg['batch_size']}, "
+            f"{r['images']} images, {s['unet_dtype']}, {s['threads']} threads, attention {','.join(s['attention'])}"
+        )
+        lines.append(
+            f"  {'variant':<52} {'steps/s':>8} {'ms/step':>8} {'samples/s':>9} {'setup s':>8} "
+            f"{'peak RSS MB':>11}"
+        )
+        for k, v in r["variants"].items():
+            lines.append(
+                f"  ({k}) {v['label']:<48} {v['steps_per_s']:>8.2f} {v['ms_per_step']:>8.1f} "
+                f"{v['samples_per_s']:>9.1f} {v['setup_s']:>8.2f} {_fmt(v['peak_rss_mb'], '.0f'):>11}"
+            )
+        q = r["ratios"]
+        lines.append(
+            f"  ratios: (b)/(a) {_fmt(q['b/a'])}   (b)/(d) {_fmt(q['b/d'])}   RSS(b)/RSS(d) {_fmt(q['rss_b/rss_d'])}"
+            f"   [(c)/(a) {_fmt(q['c/a'])}  (d)/(a) {_fmt(q['d/a'])}  (b)/(c) {_fmt(q['b/c'])}]"
+        )
+        if q.get("cache_cost_epoch_fraction") is not None:
+            lines.append(
+                f"  one-time caching cost: {q['cache_cost_s']:.2f} s = {q['cache_cost_epoch_fraction']:.2f} of one "
+                f"uncached epoch ({q['uncached_epoch_s']:.2f} s; {q['cache_cost_source']})"
+            )
+        c = r["checks"]
+        if c:
+            bad = c.get("settings_mismatch_a_b")
+            lines.append(
+                f"  checks: same LoRA modules (a)=(b) {c.get('same_lora_modules_a_b')}, (d)=(b) "
+                f"{c.get('same_lora_modules_d_b')}; step settings (a) vs (b): "
+                + (", ".join(f"{k} {a} vs {b}" for k, (a, b) in bad.items()) if bad else "identical")
+            )
+    m = results["machine"]
+    lines.append(
+        f"\nmachine: {m['cpus']} CPUs ({m['cpu_capability']}), torch {m['torch']}, load average "
+        f"{m['loadavg_before'][0]:.1f} -> {m['loadavg_after'][0]:.1f}, {m['wall_s']:.0f} s wall"
+    )
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: str | Path) -> None:
+    from loracraft.infer.io import write_json_atomic
+
+    write_json_atomic(Path(path), results)
