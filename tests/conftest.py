@@ -9,6 +9,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Never touch the user's ~/.cache/loracraft from tests; subprocesses inherit this.
+os.environ["LORACRAFT_CACHE"] = __import__("tempfile").mkdtemp(prefix="loracraft-test-cache-")
 
 import pytest  # noqa: E402
 
@@ -83,3 +85,31 @@ def lora_dir_b(tiny_sd, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-b")
     build_random_lora(tiny_sd, out / LORA_WEIGHT_NAME, rank=4, alpha=8, seed=2, text_encoder=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def make_trainer():
+    """Build and set up a LoraTrainer in-process: ``make_trainer(base, data, out, **overrides)``."""
+
+    def make(base, data, out, setup=True, **over):
+        from accelerate.state import AcceleratorState
+
+        from loracraft.train.config import build_config
+        from loracraft.train.loop import LoraTrainer
+
+        overrides = {
+            "data.resolution": 32, "train.batch_size": 2, "train.max_steps": 30, "train.lr": 3e-3,
+            "lora.rank": 8, "lora.alpha": 4, "checkpoint.every": 1000, "output.report_to": "[]",
+            "output.dir": str(out), **over,
+        }
+        cfg = build_config(
+            {"model": {"base": str(base)}, "data": {"path": str(data)}},
+            [f"{k}={v}" for k, v in overrides.items()],
+        )
+        AcceleratorState._reset_state(reset_partial_state=True)
+        trainer = LoraTrainer(cfg)
+        if setup:
+            trainer.setup()
+        return trainer
+
+    return make

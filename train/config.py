@@ -45,6 +45,8 @@ class DataCfg(_Section):
     random_flip: bool = False
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability of an empty caption")
     shuffle_tags: bool = False
+    buckets: bool = Field(False, description="aspect-ratio buckets around resolution**2 (kohya style; crops centred)")
+    bucket_step: int = Field(64, gt=0, description="bucket sides are multiples of this (pixels)")
     on_error: Literal["fail", "skip"] = Field(
         "fail",
         description="images with errors (unreadable/corrupt/truncated/empty files, missing or non-UTF-8 "
@@ -102,6 +104,10 @@ class TrainCfg(_Section):
     gradient_checkpointing: bool = False
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma weighting (5.0 is typical)")
     noise_offset: float = Field(0.0, ge=0)
+    cache: Literal["auto"] | bool = Field(
+        "auto", description="cache VAE latents + text embeddings on disk; auto = unless random crops/tag shuffling"
+    )
+    cache_dir: str | None = Field(None, description="cache folder; null -> $LORACRAFT_CACHE or ~/.cache/loracraft")
     on_nan: Literal["stop", "skip"] = Field(
         "stop", description="non-finite loss: stop (exit 1, last checkpoint kept) or skip the batch"
     )

@@ -79,13 +79,33 @@ class CaptionedImages:
     def caption(self, i: int) -> str:
         return self.items[i].caption
 
+    def size(self, i: int) -> tuple[int, int]:
+        """(width, height) as trained, i.e. after EXIF rotation, from the header only."""
+        item = self.items[i]
+        src = item.path if item.path is not None else io.BytesIO(self.image_bytes(i))
+        try:
+            with Image.open(src) as im:
+                w, h = im.size
+                orientation = im.getexif().get(0x0112, 1)
+        except Exception as e:
+            raise DataError(f"cannot read image header, {item.path or item.row}, remove or re-save the file ({e})") from e
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+    def item_hash(self, i: int) -> str:
+        """sha256 of the image bytes (memoised: used by the fingerprint and the cache keys)."""
+        if not hasattr(self, "_hashes"):
+            self._hashes: dict[int, str] = {}
+        if i not in self._hashes:
+            self._hashes[i] = hashlib.sha256(self.image_bytes(i)).hexdigest()
+        return self._hashes[i]
+
     def repeats(self) -> list[int]:
         return [it.repeats for it in self.items]
 
     def fingerprint(self) -> str:
         """sha256 over (image bytes hash, caption, repeats) in sorted order: the dataset's identity."""
         entries = sorted(
-            f"{hashlib.sha256(self.image_bytes(i)).hexdigest()}|{it.repeats}|{it.caption}"
+            f"{self.item_hash(i)}|{it.repeats}|{it.caption}"
             for i, it in enumerate(self.items)
         )
         return hashlib.sha256("\n".join(entries).encode()).hexdigest()
@@ -252,6 +272,43 @@ class SampleStream:
         return self.order(epoch)[offset]
 
 
+class BucketedStream(SampleStream):
+    """Like SampleStream, but every global batch is drawn from one bucket.
+
+    Epoch e: each bucket's items (with repeats) are shuffled and cut into global batches
+    (the last one topped up from the start of the same bucket, as kohya does), then the
+    batches are shuffled. Positions still index single samples, so noise keying, rank
+    slicing and resume work unchanged.
+    """
+
+    def __init__(self, repeats: list[int], seed: int, buckets: list[tuple[int, int]], global_batch: int):
+        super().__init__(repeats, seed)
+        self.buckets, self.global_batch = buckets, global_batch
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in self.base:
+            groups.setdefault(buckets[i], []).append(i)
+        self.groups = [groups[k] for k in sorted(groups)]
+        self._length = sum(-(-len(g) // global_batch) * global_batch for g in self.groups)
+
+    @property
+    def epoch_length(self) -> int:
+        return self._length
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch not in self._cache:
+            rng = random.Random(keyed_seed(self.seed, epoch, "bucket-order"))
+            batches = []
+            for group in self.groups:
+                items = list(group)
+                rng.shuffle(items)
+                short = -len(items) % self.global_batch
+                items += [items[k % len(items)] for k in range(short)]
+                batches += [items[k : k + self.global_batch] for k in range(0, len(items), self.global_batch)]
+            rng.shuffle(batches)
+            self._cache = {epoch: [i for b in batches for i in b]}
+        return self._cache[epoch]
+
+
 def positions_for(micro_step: int, batch_size: int, num_processes: int, rank: int) -> list[int]:
     """Global stream positions of one process's batch at a micro-step.
 
@@ -262,22 +319,51 @@ def positions_for(micro_step: int, batch_size: int, num_processes: int, rank: in
     return list(range(start, start + batch_size))
 
 
+# ----------------------------------------------------------------------------- buckets
+def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """kohya-style bucket sizes: sides in multiples of ``step``, area <= resolution**2, ratio <= max_ratio."""
+    area = resolution * resolution
+    buckets = set()
+    w = step
+    while w <= resolution * max_ratio:
+        h = (area // w) // step * step
+        if h >= step and max(w, h) / min(w, h) <= max_ratio:
+            buckets.add((w, h))
+            buckets.add((h, w))
+        w += step
+    return sorted(buckets)
+
+
+def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log space) to the image's; ties -> larger area."""
+    import math
+
+    w, h = size
+    ratio = math.log(w / h)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
 # ----------------------------------------------------------------------------- transforms
 def resize_and_crop(
-    img: Image.Image, resolution: int, center_crop: bool, gen: torch.Generator
+    img: Image.Image, target: tuple[int, int] | int, center_crop: bool, gen: torch.Generator | None
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Resize the short side to ``resolution`` and crop a square; returns (image, crop top-left)."""
+    """Resize to cover ``target`` (w, h) and crop it; returns (image, crop top-left as (top, left)).
+
+    The crop is centred when ``center_crop`` or when the image already has the target's
+    aspect ratio; otherwise its offset is drawn from ``gen``.
+    """
+    tw, th = (target, target) if isinstance(target, int) else target
     w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
-    if center_crop:
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    if center_crop or gen is None:
+        left, top = (nw - tw) // 2, (nh - th) // 2
     else:
-        left = int(torch.randint(0, nw - resolution + 1, (1,), generator=gen))
-        top = int(torch.randint(0, nh - resolution + 1, (1,), generator=gen))
-    return img.crop((left, top, left + resolution, top + resolution)), (top, left)
+        left = int(torch.randint(0, nw - tw + 1, (1,), generator=gen))
+        top = int(torch.randint(0, nh - th + 1, (1,), generator=gen))
+    return img.crop((left, top, left + tw, top + th)), (top, left)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -297,34 +383,84 @@ def prepare_caption(caption: str, gen: torch.Generator, dropout: float, shuffle_
     return caption
 
 
-class TrainingExamples(torch.utils.data.Dataset):
-    """Map-style dataset indexed by *stream position*: decode, crop, flip, caption dropout."""
+@dataclass(frozen=True)
+class Plan:
+    """Every random decision about the sample at one stream position."""
 
-    def __init__(self, images: CaptionedImages, stream: SampleStream, cfg_data, seed: int):
-        self.images, self.stream, self.cfg, self.seed = images, stream, cfg_data, seed
+    position: int
+    index: int
+    flip: bool
+    caption: str
+    target: tuple[int, int]  # (w, h) the image is cropped to
+
+
+class Planner:
+    """Decides (item, flip, caption, target size) per position; shared by the pixel and cached paths.
+
+    Each decision has its own keyed generator, so the cached path (which needs no crop draw)
+    makes exactly the same flip and caption choices as the pixel path.
+    """
+
+    def __init__(self, images: CaptionedImages, stream, cfg_data, seed: int, targets: list[tuple[int, int]]):
+        self.images, self.stream, self.cfg, self.seed, self.targets = images, stream, cfg_data, seed, targets
+
+    def plan(self, position: int) -> Plan:
+        idx = self.stream.item_at(position)
+        flip = self.cfg.random_flip and float(torch.rand((), generator=keyed_generator(self.seed, position, "flip"))) < 0.5
+        caption = prepare_caption(
+            self.images.caption(idx), keyed_generator(self.seed, position, "caption"),
+            self.cfg.caption_dropout, self.cfg.shuffle_tags,
+        )
+        return Plan(position, idx, flip, caption, self.targets[idx])
+
+
+def load_pixels(images: CaptionedImages, idx: int, target: tuple[int, int], center_crop: bool,
+                flip: bool, gen: torch.Generator | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    img, crop = resize_and_crop(images.image(idx), target, center_crop, gen)
+    if flip:
+        img = ImageOps.mirror(img)
+    return to_tensor(img), crop
+
+
+class TrainingExamples(torch.utils.data.Dataset):
+    """Map-style dataset indexed by *stream position*.
+
+    Without lookups it decodes, crops and flips the image; with ``latent_lookup`` /
+    ``text_lookup`` (the cache) it returns the stored latent distribution / text embedding
+    for the same planned (item, flip, caption) instead.
+    """
+
+    def __init__(self, planner: Planner, latent_lookup=None, text_lookup=None):
+        self.planner, self.latent_lookup, self.text_lookup = planner, latent_lookup, text_lookup
 
     def __len__(self) -> int:  # positions are unbounded; len is only advisory
-        return self.stream.epoch_length
+        return self.planner.stream.epoch_length
 
     def __getitem__(self, position: int) -> dict:
-        idx = self.stream.item_at(position)
-        gen = keyed_generator(self.seed, position, "augment")
-        img, crop = resize_and_crop(self.images.image(idx), self.cfg.resolution, self.cfg.center_crop, gen)
-        flip = self.cfg.random_flip and float(torch.rand((), generator=gen)) < 0.5
-        if flip:
-            img = ImageOps.mirror(img)
-        caption = prepare_caption(
-            self.images.caption(idx), gen, self.cfg.caption_dropout, self.cfg.shuffle_tags
-        )
-        return {"pixel_values": to_tensor(img), "caption": caption, "position": position, "index": idx}
+        p = self.planner.plan(position)
+        out = {"caption": p.caption, "position": position, "index": p.index}
+        if self.latent_lookup is not None:
+            out.update(self.latent_lookup(p.index, p.flip))
+        else:
+            crop_gen = keyed_generator(self.planner.seed, position, "crop")
+            center = self.planner.cfg.center_crop or self.planner.cfg.buckets
+            out["pixel_values"], out["crop"] = load_pixels(
+                self.planner.images, p.index, p.target, center, p.flip, crop_gen
+            )
+        if self.text_lookup is not None:
+            out["text_embeds"] = self.text_lookup(p.caption)
+        return out
 
 
 def collate(batch: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
+    out = {
         "captions": [b["caption"] for b in batch],
         "positions": torch.tensor([b["position"] for b in batch], dtype=torch.long),
     }
+    for key in ("pixel_values", "latent_mean", "latent_std", "text_embeds"):
+        if key in batch[0]:
+            out[key] = torch.stack([b[key] for b in batch])
+    return out
 
 
 class _RankBatches(torch.utils.data.Sampler):
@@ -339,7 +475,7 @@ class _RankBatches(torch.utils.data.Sampler):
 
 
 def make_batches(
-    examples: TrainingExamples,
+    examples: torch.utils.data.Dataset,
     start_micro_step: int,
     batch_size: int,
     num_processes: int = 1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -17,11 +18,20 @@ from tqdm.auto import tqdm
 
 from loracraft.infer.errors import ConfigError, LoracraftError, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, save_diffusers_lora, tensors_sha256
-from loracraft.infer.io import write_json_atomic
+from loracraft.infer.io import write_json_atomic, write_text_atomic
 from loracraft.train import checkpoint as ckpt
 from loracraft.train.components import Components, check_base, fingerprint_base, freeze_and_cast, load_components
-from loracraft.train.config import Config, config_diff
-from loracraft.train.data import SampleStream, TrainingExamples, make_batches
+from loracraft.train.config import Config, config_diff, normalize_training
+from loracraft.train.cache import build_caches, cache_plan
+from loracraft.train.data import (
+    BucketedStream,
+    Planner,
+    SampleStream,
+    TrainingExamples,
+    assign_bucket,
+    make_batches,
+    make_buckets,
+)
 from loracraft.train.lora import inject_lora, unet_lora_state_dict
 from loracraft.train.loss import (
     diffusion_loss,
@@ -79,6 +89,8 @@ class LoraTrainer:
         self.images = self._setup_data()
         self.resume_from = self._setup_run_dir()
         self.c = self._setup_models()
+        self.planner = self._setup_planner()
+        self.sources = self._setup_cache()
         self.lora_config = inject_lora(self.c.unet, self.cfg.lora)
         self.trainables = self._setup_trainables()
         self.optimizer = self._setup_optimizer()
@@ -144,7 +156,7 @@ class LoraTrainer:
         old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
         new_cfg = self.cfg.training_relevant()
         if old is not None:
-            diff = config_diff(old["config_training"], new_cfg)
+            diff = config_diff(normalize_training(old["config_training"]), new_cfg)
             if old.get("dataset_fingerprint") != self.dataset_fingerprint:
                 diff.append("dataset contents changed (fingerprint differs)")
             if diff and self.cfg.output.overwrite:
@@ -234,7 +246,7 @@ class LoraTrainer:
         if self.resume_from is None:
             return 0
         state = ckpt.read_state(self.resume_from)
-        diff = config_diff(state["config_training"], self.cfg.training_relevant())
+        diff = config_diff(normalize_training(state["config_training"]), self.cfg.training_relevant())
         if diff and not self.cfg.checkpoint.allow_config_change:
             raise UsageError(
                 f"config differs from the checkpoint's, {self.resume_from}: {'; '.join(diff)}; "
@@ -251,9 +263,38 @@ class LoraTrainer:
         self._print(f"resuming from {self.resume_from} (step {state['step']})")
         return int(state["step"])
 
+    def _setup_planner(self) -> Planner:
+        """Target size per image (one square, or its aspect-ratio bucket) and the sample order."""
+        d, t, acc = self.cfg.data, self.cfg.train, self.accelerator
+        n = len(self.images)
+        self.sizes = [self.images.size(i) for i in range(n)]
+        if d.buckets:
+            buckets = make_buckets(d.resolution, d.bucket_step)
+            targets = [assign_bucket(s, buckets) for s in self.sizes]
+            stream = BucketedStream(self.images.repeats(), t.seed, targets, t.batch_size * acc.num_processes)
+            self._print(f"{len(set(targets))} aspect-ratio buckets in use: {sorted(set(targets))}")
+        else:
+            targets = [(d.resolution, d.resolution)] * n
+            stream = SampleStream(self.images.repeats(), t.seed)
+        return Planner(self.images, stream, d, t.seed, targets)
+
+    def _setup_cache(self) -> dict:
+        """Latent / text-embedding lookups from the on-disk cache (main process builds, others wait)."""
+        plan = cache_plan(self.cfg, self.sizes, self.planner.targets)
+        for note in plan.notes:
+            self._print(note)
+        if not (plan.latents or plan.text):
+            return {}
+        acc = self.accelerator
+        sources = build_caches(
+            plan, self.planner, self.c, self._encode_text, acc.device,
+            build=acc.is_main_process, show_progress=acc.is_main_process,
+        )
+        acc.wait_for_everyone()
+        return sources
+
     def _setup_batches(self):
-        stream = SampleStream(self.images.repeats(), self.cfg.train.seed)
-        examples = TrainingExamples(self.images, stream, self.cfg.data, self.cfg.train.seed)
+        examples = TrainingExamples(self.planner, **self.sources)
         acc = self.accelerator
         return iter(
             make_batches(
@@ -269,6 +310,7 @@ class LoraTrainer:
         acc = self.accelerator
         if acc.is_main_process:
             (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(self.run_dir / "logs" / "metrics.jsonl", after_step=self.step)
             self._write_manifest(status="running")
         flat = _flatten(scrub(self.cfg.dump()))
         init_kwargs = {"wandb": {"dir": str(self.run_dir / "logs"), "name": self.run_dir.name}}
@@ -303,8 +345,8 @@ class LoraTrainer:
         positions = batch["positions"].tolist()
         device = self.accelerator.device
         with torch.no_grad():
-            latents = self._encode_images(batch["pixel_values"].to(device), positions)
-            text = self._encode_text(batch["captions"])
+            latents = self._latents(batch, positions)
+            text = self._text(batch)
         noise, timesteps = sample_noise_and_timesteps(
             tuple(latents.shape[1:]), positions, t.seed, c.noise_scheduler.config.num_train_timesteps, t.noise_offset
         )
@@ -316,12 +358,22 @@ class LoraTrainer:
         weights = min_snr_weights(c.noise_scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
         return diffusion_loss(pred, target, weights)
 
-    def _encode_images(self, pixels: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        vae = self.c.vae
-        dist = vae.encode(pixels.float()).latent_dist
-        latents = sample_latents(dist.mean, dist.std, positions, self.cfg.train.seed)
+    def _latents(self, batch: dict, positions: list[int]) -> torch.Tensor:
+        """Scaled latents: a keyed sample of the cached posterior, or of a fresh VAE encode."""
+        vae, device = self.c.vae, self.accelerator.device
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        else:
+            dist = vae.encode(batch["pixel_values"].to(device).float()).latent_dist
+            mean, std = dist.mean, dist.std
+        latents = sample_latents(mean, std, positions, self.cfg.train.seed)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).to(self.c.unet.dtype)
+
+    def _text(self, batch: dict) -> torch.Tensor:
+        if "text_embeds" in batch:
+            return batch["text_embeds"].to(self.accelerator.device, self.c.unet.dtype)
+        return self._encode_text(batch["captions"])
 
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
         tok = self.c.tokenizer
@@ -526,7 +578,7 @@ class LoraTrainer:
 
     def _print(self, msg: str) -> None:
         if self.accelerator.is_main_process:
-            tqdm.write(f"loracraft: {msg}")
+            tqdm.write(f"loracraft: {msg}", file=sys.stderr)
 
 
 def _inference_scheduler(noise_scheduler):
@@ -534,6 +586,16 @@ def _inference_scheduler(noise_scheduler):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(noise_scheduler.config)
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from: they will be logged again."""
+    if not path.is_file():
+        return
+    rows = [r for r in path.read_text(encoding="utf-8").splitlines() if r.strip()]
+    kept = [r for r in rows if json.loads(r)["step"] <= after_step]
+    if len(kept) != len(rows):
+        write_text_atomic(path, "".join(r + "\n" for r in kept))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

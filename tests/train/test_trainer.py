@@ -3,30 +3,10 @@
 import pytest
 import torch
 
-from loracraft.train.config import build_config
-from loracraft.train.loop import LoraTrainer
-
-
-def make_trainer(tiny_sd, data, out, **over):
-    overrides = {
-        "data.resolution": 32, "train.batch_size": 2, "train.max_steps": 30, "train.lr": 3e-3,
-        "lora.rank": 8, "lora.alpha": 4, "checkpoint.every": 1000, "output.report_to": "[]",
-        "output.dir": str(out), **over,
-    }
-    cfg = build_config(
-        {"model": {"base": str(tiny_sd)}, "data": {"path": str(data)}},
-        [f"{k}={v}" for k, v in overrides.items()],
-    )
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    trainer = LoraTrainer(cfg)
-    trainer.setup()
-    return trainer
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_sd, tmp_path_factory):
+def trained(tiny_sd, tmp_path_factory, make_trainer):
     """30 steps on a 2-image dataset (so every batch is the same pair), with the base snapshot."""
     from loracraft.infer.testing import write_captioned_dataset
 
@@ -64,7 +44,7 @@ def test_training_reduces_the_loss_at_fixed_noise(trained):
     assert after < before * 0.9, (before, after)
 
 
-def test_gradients_reach_only_lora(tiny_sd, tiny_dataset, tmp_path):
+def test_gradients_reach_only_lora(tiny_sd, tiny_dataset, tmp_path, make_trainer):
     trainer = make_trainer(tiny_sd, tiny_dataset, tmp_path / "g")
     trainer.train_step(next(trainer.batches))
     grads = {n: p.grad for n, p in trainer.c.unet.named_parameters()}

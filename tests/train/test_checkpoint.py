@@ -1,0 +1,74 @@
+"""Checkpoint files: atomic, complete-or-absent, pickle-free, exact round trip, retention."""
+
+import errno
+
+import pytest
+import torch
+
+from loracraft.train import checkpoint as ckpt
+
+
+def _state():
+    torch.manual_seed(0)
+    params = {"a.lora_A.weight": torch.nn.Parameter(torch.randn(4, 3)), "a.lora_B.weight": torch.nn.Parameter(torch.randn(3, 4))}
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-3)
+    loss = sum((p**2).sum() for p in params.values())
+    loss.backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+    sched.step()
+    return params, opt, sched
+
+
+def test_round_trip_restores_everything(tmp_path):
+    params, opt, sched = _state()
+    path = ckpt.save_checkpoint(tmp_path, 7, params, opt, sched, state={"config_training": {"x": 1}})
+    assert path.name == "step-000007" and not list(tmp_path.glob(".tmp-*"))
+    assert not [p for p in path.iterdir() if p.suffix in (".pkl", ".bin", ".pt")]
+    rng_after_save = torch.rand(3)
+
+    fresh, opt2, sched2 = _state()
+    with torch.no_grad():
+        for p in fresh.values():
+            p.zero_()
+    state = ckpt.load_checkpoint(path, fresh, opt2, sched2)
+    assert state["step"] == 7 and state["config_training"] == {"x": 1}
+    for name in params:
+        assert torch.equal(fresh[name], params[name])
+    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+    assert sched2.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
+    assert torch.equal(torch.rand(3), rng_after_save)  # RNG restored to the moment of saving
+
+
+def test_incomplete_dirs_are_never_listed(tmp_path):
+    params, opt, sched = _state()
+    ckpt.save_checkpoint(tmp_path, 10, params, opt, sched, state={})
+    (tmp_path / ".tmp-step-000020").mkdir()  # a save killed midway
+    (tmp_path / ".tmp-step-000020" / "adapter.safetensors").write_bytes(b"partial")
+    (tmp_path / "step-000030").mkdir()  # hand-made dir without state.json
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10]
+
+
+def test_retention_keeps_the_newest(tmp_path):
+    params, opt, sched = _state()
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, params, opt, sched, state={})
+        ckpt.prune_checkpoints(tmp_path, keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    params, opt, sched = _state()
+    good = ckpt.save_checkpoint(tmp_path, 1, params, opt, sched, state={})
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(ckpt.CheckpointError, match=r"step 2.*No space left.*previous checkpoint is intact"):
+        ckpt.save_checkpoint(tmp_path, 2, params, opt, sched, state={})
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert not list(tmp_path.glob(".tmp-*"))
