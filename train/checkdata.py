@@ -256,10 +256,14 @@ def inspect_image(data: bytes, resolution: int | None = None) -> list[tuple[str,
                 "re-save it as PNG or JPEG, or delete it",
             )
         ]
-    try:
-        orientation = im.getexif().get(0x0112)
-    except Exception:  # a broken EXIF block is not worth failing the file for
-        orientation = None
+    orientation = None
+    # PngImagePlugin.getexif() decodes the whole image to look for a late eXIf chunk: skip it
+    # when the bytes hold no such chunk at all (JPEG EXIF sits in the header and is cheap).
+    if fmt != "PNG" or b"eXIf" in data:
+        try:
+            orientation = im.getexif().get(0x0112)
+        except Exception:  # a broken EXIF block is not worth failing the file for
+            orientation = None
     error = _decode_check(Image.open(io.BytesIO(data)))  # verify() must come right after open
     if error is not None and fmt == "PNG":
         # verify() also rejects a missing end marker that decoding tolerates: ask the decoder.
