@@ -30,11 +30,23 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from loracraft.infer.errors import DataError, ModelError, UsageError
-from loracraft.train.data import IMAGE_EXTS, REPEAT_DIR, CaptionedImages, Item, load_captioned_images
+
+if TYPE_CHECKING:
+    from loracraft.train.data import CaptionedImages, Item
+
+
+def _data():
+    """``loracraft.train.data``, imported on first use: it pulls in torch, which checking a
+    folder never needs, and every ``loracraft`` command imports this module to register it."""
+    from loracraft.train import data
+
+    return data
+
 
 #: Image-like files training cannot read: reported so a folder of phone photos (HEIC) is
 #: not silently trained on nothing.
@@ -450,7 +462,7 @@ def _rel(p: Path, root: Path) -> str:
 
 
 def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTS
+    return p.suffix.lower() in _data().IMAGE_EXTS
 
 
 def _case_twin(p: Path) -> Path | None:
@@ -462,8 +474,9 @@ def _case_twin(p: Path) -> Path | None:
 
 def _scan_sidecars(root: Path, files: list[Path]) -> tuple[str, list[_Entry], list[Finding]]:
     """Mirror of ``data._read_sidecars``: same folders, same order, same caption rule."""
-    repeat_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and REPEAT_DIR.match(d.name)]
-    folders = [(d, int(REPEAT_DIR.match(d.name).group(1))) for d in repeat_dirs] or [(root, 1)]
+    repeat = _data().REPEAT_DIR
+    repeat_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and repeat.match(d.name)]
+    folders = [(d, int(repeat.match(d.name).group(1))) for d in repeat_dirs] or [(root, 1)]
     layout = "kohya-repeats" if repeat_dirs else "txt-sidecars"
     entries, findings, used = [], [], set()
     for folder, repeats in folders:
@@ -701,7 +714,7 @@ def check_dataset(
         notes = []
     else:  # saved datasets and hub ids: rows, not files (load_captioned_images reports bad paths/columns)
         files = []
-        images = load_captioned_images(str(path), image_column, caption_column)
+        images = _data().load_captioned_images(str(path), image_column, caption_column)
         layout, entries, findings, notes = images.layout, _scan_hf(images, caption_column), [], []
         findings += [
             Finding(e.key, *p)
@@ -723,7 +736,7 @@ def check_dataset(
                 ".",
                 "no-images",
                 f"no images found in {root}",
-                f"add images ({', '.join(sorted(IMAGE_EXTS))}) with captions",
+                f"add images ({', '.join(sorted(_data().IMAGE_EXTS))}) with captions",
             )
         )
     # dict.fromkeys: a file listed twice in metadata is still one finding per problem
@@ -818,11 +831,12 @@ def checked_images(
         )
     if skip and report.layout in ("txt-sidecars", "kohya-repeats"):
         # load_captioned_images refuses missing/non-UTF-8 captions; the scan has the same items in the same order.
-        images = CaptionedImages(
-            [Item(e.caption, e.path, repeats=e.repeats) for e in kept], report.layout, report.root
+        data = _data()
+        images = data.CaptionedImages(
+            [data.Item(e.caption, e.path, repeats=e.repeats) for e in kept], report.layout, report.root
         )
     else:
-        images = load_captioned_images(report.root, image_column, caption_column)
+        images = _data().load_captioned_images(report.root, image_column, caption_column)
         if skip:
             images.items = [it for it in images.items if _item_key(images, it, report) not in skip]
     skipped = [f for f in report.errors if f.file in skip]
