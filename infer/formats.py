@@ -675,13 +675,13 @@ def write_lora(adapter: LoraAdapter, path: str | Path, to: str = "diffusers") ->
 def convert_lora_file(src: str | Path, dst: str | Path, to: str, *, allow_pickle: bool = False) -> Path:
     """``loracraft convert``: read ``src`` in either format, write ``dst`` in format ``to``.
 
-    A folder ``dst`` (existing, or given with a trailing slash) receives the format's default name.
+    A folder ``dst`` (existing, or a path without a suffix) receives the format's default file name.
     """
     if to not in FORMATS:
         raise UsageError(f"unknown adapter format {to!r}, --to, use one of {', '.join(FORMATS)}")
     adapter = read_lora(src, allow_pickle=allow_pickle)
     out = Path(dst).expanduser()
-    if out.is_dir() or str(dst).endswith(("/", "\\")):
+    if out.is_dir() or out.suffix == "" or str(dst).endswith(("/", "\\")):
         out = out / (KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME)
     elif out.suffix != ".safetensors":
         raise UsageError(
