@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
-
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.io import atomic_path
 from loracraft.infer.models import base_info, size_multiple, vae_scale_factor
+from PIL import Image
 
 __all__ = [
     "SCHEDULERS",

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from loracraft.infer import adapters as A
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, read_lora, read_safetensors, write_lora
 from loracraft.infer.generate import generate
 from loracraft.infer.models import load_base
+from safetensors.torch import save_file
 
 STEPS = 2
 

@@ -6,8 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.formats import (
     KOHYA_WEIGHT_NAME,
@@ -23,6 +21,7 @@ from loracraft.infer.formats import (
     read_safetensors,
     write_lora,
 )
+from safetensors.torch import save_file
 
 
 def one_line(err) -> str:

@@ -7,8 +7,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from loracraft.infer import adapters as A
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.generate import (
@@ -22,6 +20,7 @@ from loracraft.infer.generate import (
     sweep_scales,
 )
 from loracraft.infer.models import load_base, size_multiple
+from PIL import Image
 
 PROMPT = "a red circle on a blue background"
 STEPS = 2

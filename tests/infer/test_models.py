@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from loracraft.infer.errors import ModelError, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME
 from loracraft.infer.generate import generate
