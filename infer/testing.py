@@ -14,7 +14,7 @@ import torch
 
 from loracraft.infer.scenes import COLOURS, SHAPES, write_captioned_dataset
 
-__all__ = ["build_tokenizer", "build_tiny_sd", "write_captioned_dataset", "TINY_SD_SHAPE"]
+__all__ = ["build_tokenizer", "build_tiny_sd", "write_captioned_dataset", "toy_base_path", "TINY_SD_SHAPE"]
 
 #: Words that become single tokens; everything else falls back to byte-level characters.
 BASE_WORDS = (
@@ -91,7 +91,13 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, prediction_type: str = "ep
     (cross-attention UNet, KL VAE, CLIP text encoder, BPE tokenizer, scheduler) is the real
     diffusers/transformers class, so loading and LoRA code paths are exercised for real.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out_dir)
@@ -152,3 +158,18 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, prediction_type: str = "ep
     # Trainers read the noise schedule as a DDPMScheduler; make sure that config round-trips.
     DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")
     return out
+
+
+def toy_base_path() -> Path:
+    """The toy base shipped inside the package (``loracraft/infer/assets/toy-base``)."""
+    from importlib.resources import files
+
+    from loracraft.infer.errors import ModelError
+
+    path = Path(str(files("loracraft.infer") / "assets" / "toy-base"))
+    if not (path / "model_index.json").is_file():
+        raise ModelError(
+            f"the bundled toy base is missing, {path}, reinstall loracraft or rebuild it with "
+            "python scripts/build_toy_base.py --out infer/assets/toy-base"
+        )
+    return path

@@ -397,9 +397,9 @@ def _read_caption(txt: Path) -> tuple[str | None, list[tuple[str, str, str]]]:
         found.append(
             (
                 "caption-bom",
-                f"caption file {txt.name} starts with a UTF-8 byte-order mark, which "
-                "becomes part of the caption",
-                f"re-save {txt.name} as UTF-8 without BOM",
+                f"caption file {txt.name} starts with a UTF-8 byte-order mark (training drops it; "
+                "other tools may read it as part of the caption)",
+                f"re-save {txt.name} as UTF-8 without BOM for other tools",
             )
         )
     return text.strip(), found

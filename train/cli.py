@@ -22,7 +22,14 @@ def _quiet_libraries() -> None:
 
 
 #: Modules that add their own subcommands: each has ``register(subparsers)``.
-SUBCOMMAND_MODULES = ("loracraft.infer.cli", "loracraft.train.reproduce", "loracraft.train.checkdata")
+SUBCOMMAND_MODULES = (
+    "loracraft.infer.cli",
+    "loracraft.train.checkdata",
+    "loracraft.train.reproduce",
+    "loracraft.train.demo",
+    "loracraft.train.evaluate",
+    "loracraft.train.report",
+)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

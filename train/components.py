@@ -64,7 +64,7 @@ def load_components(base: str, revision: str | None = None, variant: str | None 
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=variant, **kw)
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=variant, **kw)
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=variant, **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
             f"cannot load the base model, {base}, check model.base/revision/variant "

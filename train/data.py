@@ -134,7 +134,7 @@ def _sidecar_caption(img: Path) -> str | None:
     if not txt.is_file():
         return None
     try:
-        return txt.read_text(encoding="utf-8").strip()
+        return txt.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as e:
         raise DataError(f"caption file is not UTF-8, {txt}, re-save it as UTF-8") from e
 

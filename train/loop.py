@@ -20,9 +20,15 @@ from loracraft.infer.errors import ConfigError, LoracraftError, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, save_diffusers_lora, tensors_sha256
 from loracraft.infer.io import write_json_atomic, write_text_atomic
 from loracraft.train import checkpoint as ckpt
-from loracraft.train.components import Components, check_base, fingerprint_base, freeze_and_cast, load_components
-from loracraft.train.config import Config, config_diff, normalize_training
 from loracraft.train.cache import build_caches, cache_plan
+from loracraft.train.components import (
+    Components,
+    check_base,
+    fingerprint_base,
+    freeze_and_cast,
+    load_components,
+)
+from loracraft.train.config import Config, config_diff, normalize_training
 from loracraft.train.data import (
     BucketedStream,
     Planner,
@@ -441,7 +447,7 @@ class LoraTrainer:
     def _flush_logs(self, bar=None) -> None:
         if not self._pending:
             return
-        rows = [{"step": s, "loss": float(l), "lr": lr} for s, l, lr in self._pending]
+        rows = [{"step": s, "loss": float(loss), "lr": lr} for s, loss, lr in self._pending]
         self._pending = []
         for row in rows:
             self.accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=row["step"])

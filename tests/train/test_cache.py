@@ -9,7 +9,13 @@ from PIL import Image
 
 from loracraft.infer.testing import write_captioned_dataset
 from loracraft.train import cache as cache_mod
-from loracraft.train.data import BucketedStream, assign_bucket, load_captioned_images, make_buckets, positions_for
+from loracraft.train.data import (
+    BucketedStream,
+    assign_bucket,
+    load_captioned_images,
+    make_buckets,
+    positions_for,
+)
 
 
 def _files(root):

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 
-
 @pytest.fixture(scope="module")
 def trained(tiny_sd, tmp_path_factory, make_trainer):
     """30 steps on a 2-image dataset (so every batch is the same pair), with the base snapshot."""

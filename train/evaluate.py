@@ -1,0 +1,143 @@
+"""``loracraft eval RUN_DIR``: did the LoRA learn the style, and what else did it change?
+
+Three figures, all against the base on the same seeds (written to ``RUN_DIR/eval.json``):
+
+(a) held-out denoising loss: the diffusion loss on held-out style images (shape/colour
+    combinations never trained on), with noise and timesteps fixed per image, for the base
+    and the adapter; reported as the relative reduction.
+(b) style score (``loracraft.infer.style_score``) of generations for held-out *trigger*
+    prompts: base, LoRA, and the style set itself; ``progress`` = how far the LoRA moved from
+    the base towards the style set (1 = all the way).
+(c) drift on *non-trigger* prompts: mean absolute pixel difference base vs LoRA, as a fraction
+    of the same difference on trigger prompts (a good style LoRA changes little without its
+    trigger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from loracraft.infer.errors import UsageError
+from loracraft.infer.io import write_json_atomic
+
+TRIGGER = " in lcstyle style"
+
+
+def heldout_loss(pipe, images, resolution: int, seed: int = 1234) -> float:
+    """Mean diffusion loss over the held-out images with per-image fixed noise and timesteps."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from loracraft.train.data import load_pixels
+    from loracraft.train.loss import diffusion_loss, sample_noise_and_timesteps, training_target
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    tok = pipe.tokenizer
+    losses = []
+    with torch.no_grad():
+        for i in range(len(images)):
+            pixels, _ = load_pixels(images, i, (resolution, resolution), True, False)
+            latents = pipe.vae.encode(pixels[None]).latent_dist.mean * pipe.vae.config.scaling_factor
+            noise, t = sample_noise_and_timesteps(tuple(latents.shape[1:]), [i], seed, sched.config.num_train_timesteps)
+            ids = tok([images.caption(i)], padding="max_length", max_length=tok.model_max_length,
+                      truncation=True, return_tensors="pt").input_ids
+            pred = pipe.unet(sched.add_noise(latents, noise, t), t, pipe.text_encoder(ids)[0]).sample
+            target = training_target(sched, latents, noise, t, sched.config.prediction_type)
+            losses.append(float(diffusion_loss(pred, target)))
+    return float(np.mean(losses))
+
+
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(g.image, dtype=np.float64) for g in images])
+
+
+def evaluate(run_dir: str | Path, heldout: str | Path | None = None, n_prompts: int = 8, seed: int = 0) -> dict:
+    from loracraft.infer import generate as G
+    from loracraft.infer.adapters import load_adapter, set_scales
+    from loracraft.infer.formats import LORA_WEIGHT_NAME
+    from loracraft.infer.models import load_base
+    from loracraft.infer.style_score import mean_style_score
+    from loracraft.train.data import load_captioned_images
+
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "run.json"
+    if not (run_dir / LORA_WEIGHT_NAME).is_file() or not manifest_path.is_file():
+        raise UsageError(f"no finished run in {run_dir}, train it first (loracraft train / loracraft demo)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    cfg = manifest["config"]
+    heldout = Path(heldout) if heldout else Path(cfg["data"]["path"]).parent / "heldout"
+    if not heldout.is_dir():
+        raise UsageError(f"held-out split not found, {heldout}, pass --heldout DIR")
+    images = load_captioned_images(str(heldout))
+    res, v = cfg["data"]["resolution"], cfg["validation"]
+
+    pipe = load_base(cfg["model"]["base"], revision=cfg["model"].get("revision"), variant=cfg["model"].get("variant"))
+    adapter = load_adapter(pipe, run_dir / LORA_WEIGHT_NAME)
+    captions = sorted({images.caption(i) for i in range(len(images))})[:n_prompts]
+    plain = [c.replace(TRIGGER, "") for c in captions]
+    gen = dict(seed=seed, steps=v["steps"], guidance=v["guidance"], width=res, height=res)
+
+    def run_at(scale: float) -> dict:
+        set_scales(pipe, {adapter.name: scale})
+        return {
+            "loss": heldout_loss(pipe, images, res),
+            "trigger": G.generate(pipe, captions, **gen),
+            "plain": G.generate(pipe, plain, **gen),
+        }
+
+    base, lora = run_at(0.0), run_at(1.0)
+    set_scales(pipe, {adapter.name: 1.0})
+    style_set = mean_style_score(images.image(i) for i in range(len(images)))
+    s_base = mean_style_score(g.image for g in base["trigger"])
+    s_lora = mean_style_score(g.image for g in lora["trigger"])
+    trigger_shift = float(np.abs(_pixels(lora["trigger"]) - _pixels(base["trigger"])).mean())
+    plain_shift = float(np.abs(_pixels(lora["plain"]) - _pixels(base["plain"])).mean())
+    result = {
+        "heldout_loss": {
+            "base": base["loss"], "lora": lora["loss"],
+            "relative_reduction": (base["loss"] - lora["loss"]) / base["loss"],
+        },
+        "style_score": {
+            "base": s_base, "lora": s_lora, "style_set": style_set,
+            "progress": (s_lora - s_base) / (style_set - s_base) if style_set != s_base else float("nan"),
+        },
+        "drift": {
+            "plain_prompts_mean_abs_px": plain_shift, "trigger_prompts_mean_abs_px": trigger_shift,
+            "ratio": plain_shift / trigger_shift if trigger_shift else float("nan"),
+        },
+        "prompts": captions, "heldout": str(heldout), "seed": seed,
+    }
+    write_json_atomic(run_dir / "eval.json", result)
+    return result
+
+
+def format_eval(r: dict) -> str:
+    h, s, d = r["heldout_loss"], r["style_score"], r["drift"]
+    return "\n".join([
+        f"held-out denoising loss: base {h['base']:.4f} -> LoRA {h['lora']:.4f} "
+        f"({h['relative_reduction']:+.1%} reduction; goal >= 20%)",
+        f"style score on held-out trigger prompts: base {s['base']:.3f}, LoRA {s['lora']:.3f}, "
+        f"style set {s['style_set']:.3f} -> {s['progress']:.0%} of the way (goal >= 80%)",
+        f"drift on non-trigger prompts: {d['plain_prompts_mean_abs_px']:.2f} px vs "
+        f"{d['trigger_prompts_mean_abs_px']:.2f} px with trigger = {d['ratio']:.1%} (goal < 10%)",
+    ])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    result = evaluate(args.run_dir, args.heldout, seed=args.seed)
+    print(format_eval(result))
+    print(f"written to {Path(args.run_dir) / 'eval.json'}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="measure a style LoRA against its base on a held-out split",
+                       description="Held-out loss, style score and non-trigger drift; writes RUN_DIR/eval.json.")
+    p.add_argument("run_dir")
+    p.add_argument("--heldout", help="held-out imagefolder (default: <data.path>/../heldout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)

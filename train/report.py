@@ -1,0 +1,182 @@
+"""``report.html``: one self-contained page per run (images inlined) to judge a LoRA at a glance.
+
+Sections: run summary, loss (raw + smoothed) and LR curves, validation grids over training,
+a LoRA-scale sweep (0 .. 1) on fixed seeds, evaluation figures (``eval.json``) when present,
+and the full manifest. Written at the end of every run and by ``loracraft report RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from loracraft.infer.errors import UsageError
+from loracraft.infer.formats import LORA_WEIGHT_NAME
+from loracraft.infer.io import write_text_atomic
+
+SWEEP_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def _png_data_uri(fig_or_image) -> str:
+    buf = io.BytesIO()
+    if hasattr(fig_or_image, "savefig"):
+        fig_or_image.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    else:
+        fig_or_image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def curves_png(rows: list[dict]) -> str | None:
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
+    ax1.plot(steps, losses, alpha=0.35, label="raw")
+    ax1.plot(steps, smooth(losses), label="smoothed (EMA 0.9)")
+    ax1.set(xlabel="step", ylabel="loss", title="training loss")
+    ax1.legend()
+    ax2.plot(steps, [r["lr"] for r in rows], color="tab:green")
+    ax2.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    uri = _png_data_uri(fig)
+    plt.close(fig)
+    return uri
+
+
+def sweep_grid(run_dir: Path, manifest: dict, prompts: list[str]):
+    """The adapter at each of SWEEP_SCALES (rows) for each prompt (columns), same seeds."""
+    from loracraft.infer import generate as G
+    from loracraft.infer.adapters import load_adapter
+    from loracraft.infer.models import load_base
+
+    cfg = manifest["config"]
+    v, res = cfg["validation"], cfg["data"]["resolution"]
+    pipe = load_base(cfg["model"]["base"], revision=cfg["model"].get("revision"), variant=cfg["model"].get("variant"))
+    load_adapter(pipe, run_dir / LORA_WEIGHT_NAME)
+    rows = G.sweep_scales(
+        pipe, SWEEP_SCALES, prompt=prompts, seed=v["seed"], steps=v["steps"], guidance=v["guidance"],
+        width=res, height=res,
+    )
+    images = [g.image for row in rows for g in row]
+    return G.make_grid(images, rows=len(SWEEP_SCALES), cols=len(prompts))
+
+
+def _sweep_prompts(manifest: dict) -> list[str]:
+    prompts = list(manifest["config"]["validation"]["prompts"])
+    if prompts:
+        return prompts[:4]
+    from loracraft.train.data import load_captioned_images
+
+    d = manifest["config"]["data"]
+    images = load_captioned_images(d["path"], d["image_column"], d["caption_column"])
+    return [images.caption(i) for i in range(min(2, len(images)))]
+
+
+def _table(pairs) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in pairs)
+    return f"<table>{rows}</table>"
+
+
+def write_report(run_dir: str | Path, sweep: bool = True) -> Path:
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "run.json"
+    if not manifest_path.is_file():
+        raise UsageError(f"no run.json in {run_dir}, point `loracraft report` at a run directory")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    rows = read_metrics(run_dir)
+    parts = [f"<h1>loracraft run: {html.escape(run_dir.name)}</h1>"]
+    final_loss = rows[-1]["loss"] if rows else None
+    parts.append('<h2 id="summary">Summary</h2>' + _table([
+        ("status", manifest.get("status")), ("steps", manifest.get("steps")),
+        ("final loss", f"{final_loss:.5f}" if final_loss is not None else "n/a"),
+        ("base", manifest["config"]["model"]["base"]), ("dataset", manifest["config"]["data"]["path"]),
+        ("rank / alpha", f"{manifest['config']['lora']['rank']} / {manifest['config']['lora']['alpha']}"),
+        ("weights sha256", manifest.get("weights_sha256")), ("wall time (s)", manifest.get("wall_time_s")),
+    ]))
+    curves = curves_png(rows)
+    parts.append('<h2 id="curves">Loss and learning rate</h2>'
+                 + (f'<img alt="loss and lr curves" src="{curves}">' if curves else "<p>no metrics logged</p>"))
+    samples = sorted((run_dir / "samples").glob("step-*.png")) if (run_dir / "samples").is_dir() else []
+    parts.append('<h2 id="validation">Validation images over training</h2>' + (
+        "".join(f'<figure><img alt="{s.stem}" src="{_png_data_uri(_open(s))}"><figcaption>{s.stem}</figcaption></figure>'
+                for s in samples) or "<p>no validation images (set validation.prompts)</p>"))
+    sweep_html = "<p>skipped</p>"
+    if sweep and (run_dir / LORA_WEIGHT_NAME).is_file():
+        prompts = _sweep_prompts(manifest)
+        grid = sweep_grid(run_dir, manifest, prompts)
+        grid.save(run_dir / "samples" / "scale-sweep.png") if (run_dir / "samples").is_dir() else None
+        sweep_html = (f"<p>rows: LoRA scale {', '.join(str(s) for s in SWEEP_SCALES)} (top to bottom); "
+                      f"columns: {html.escape(' | '.join(prompts))}</p>"
+                      f'<img class="pixel" alt="scale sweep" src="{_png_data_uri(grid)}">')
+    parts.append('<h2 id="sweep">LoRA scale sweep</h2>' + sweep_html)
+    eval_path = run_dir / "eval.json"
+    if eval_path.is_file():
+        ev = json.loads(eval_path.read_text(encoding="utf-8"))
+        parts.append('<h2 id="eval">Evaluation</h2>' + _table(_flat(ev)))
+    parts.append('<h2 id="manifest">Run manifest</h2><pre>'
+                 + html.escape(json.dumps(manifest, indent=2, sort_keys=True)) + "</pre>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+             "img.pixel,figure img{image-rendering:pixelated;min-width:256px}figure{display:inline-block;margin:4px}"
+             "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}")
+    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>loracraft report: "
+            f"{html.escape(run_dir.name)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+    out = run_dir / "report.html"
+    write_text_atomic(out, page)
+    return out
+
+
+def _open(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.copy()
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", round(v, 4) if isinstance(v, float) else v))
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    out = write_report(args.run_dir, sweep=not args.no_sweep)
+    print(f"report written to {out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="write RUN_DIR/report.html (curves, samples, scale sweep, eval)",
+                       description="Write a self-contained HTML report of a training run.")
+    p.add_argument("run_dir")
+    p.add_argument("--no-sweep", action="store_true", help="skip generating the LoRA-scale sweep")
+    p.set_defaults(func=cmd_report)
