@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     defaults = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--quick", action="store_true", help="tiny configuration (8 images, 1+2x2 steps): a smoke run"
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny model only (unless --models), 8 images, 1 + 2x2 steps",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--models", type=_csv, help=f"comma-separated, from {','.join(MODELS)} (default: all)")

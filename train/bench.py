@@ -90,8 +90,9 @@ def build_sd15_small(out_dir: str | Path, seed: int = 0, prediction_type: str = 
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from loracraft.infer.testing import build_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from loracraft.infer.testing import build_tokenizer
 
     out = Path(out_dir)
     s = SD15_SMALL_SHAPE
@@ -418,9 +419,10 @@ class FloorRunner(Runner):
 
     def setup(self) -> dict:
         from diffusers import DDPMScheduler, UNet2DConditionModel
-        from loracraft.train.config import ATTN_TARGETS
         from peft import LoraConfig
         from safetensors.torch import load_file
+
+        from loracraft.train.config import ATTN_TARGETS
 
         s = self.spec
         # The same settings loracraft resolves from the same overrides (dtype, compile, layout).
@@ -485,6 +487,7 @@ class LoracraftRunner(Runner):
 
     def setup(self) -> dict:
         from accelerate.state import AcceleratorState
+
         from loracraft.train.loop import LoraTrainer
 
         cfg = self.spec.loracraft_config(self.cache, str(self.work / "run"))
@@ -527,7 +530,8 @@ class ReferenceRunner(Runner):
     same per-step work: a shuffled DataLoader over a ``datasets`` imagefolder whose transform
     decodes, resizes, crops, flips, normalizes and tokenizes each row; VAE encode (sampled
     posterior) and text encode every step; epsilon/v target; mean MSE; gathered loss read to
-    the host; backward; clip; AdamW; LR scheduler; progress bar.
+    the host; backward; clip (of nothing, as there - see ``setup``); AdamW; LR scheduler;
+    progress bar.
     """
 
     def setup(self) -> dict:
@@ -536,10 +540,11 @@ class ReferenceRunner(Runner):
         from datasets import load_dataset
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from diffusers.optimization import get_scheduler
-        from loracraft.train.config import ATTN_TARGETS
         from peft import LoraConfig
         from tqdm.auto import tqdm
         from transformers import CLIPTextModel, CLIPTokenizer
+
+        from loracraft.train.config import ATTN_TARGETS
 
         s = self.spec
         self.acc = acc = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
@@ -556,8 +561,13 @@ class ReferenceRunner(Runner):
         unet.add_adapter(
             LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian", target_modules=ATTN_TARGETS)
         )
-        self.params = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=s.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        # As in the reference: a filter iterator, consumed by the optimizer - so the script's later
+        # clip_grad_norm_(lora_layers) receives an exhausted iterator and clips nothing. Kept: it
+        # is the per-step work the reference really does.
+        self.lora_layers = filter(lambda p: p.requires_grad, unet.parameters())
+        optimizer = torch.optim.AdamW(
+            self.lora_layers, lr=s.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
+        )
         ds = load_dataset("imagefolder", data_dir=s.data_dir, split="train")
         ds = ds.with_transform(
             _ReferenceTransform(tokenizer, s.resolution, s.center_crop, s.random_flip, s.seed)
@@ -614,7 +624,7 @@ class ReferenceRunner(Runner):
                 train_loss += avg_loss.item()
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    acc.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+                    acc.clip_grad_norm_(self.lora_layers, self.spec.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad()
@@ -777,6 +787,7 @@ class InlineWorker:
     def __init__(self, variant: str, spec: BenchSpec):
         self.variant = variant
         self.server = VariantServer(variant, spec)
+        self._threads = torch.get_num_threads()  # setup sets the spec's; give the caller its own back
 
     def ask(self, msg: dict) -> dict:
         reply = self.server.handle(msg)
@@ -787,6 +798,7 @@ class InlineWorker:
     def close(self) -> None:
         self.server = None
         gc.collect()
+        torch.set_num_threads(self._threads)
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -813,7 +825,7 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **kw) -> BenchConfig:
-        return replace(cls(images=8, warmup=1, window=2, rounds=2), **kw)
+        return replace(cls(models=["tiny"], images=8, warmup=1, window=2, rounds=2), **kw)
 
 
 def _summarize(
@@ -992,6 +1004,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": cfg.threads,
+            # OpenMP's wait policy decides how badly a 2-thread step suffers on a shared machine.
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))},
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "wall_s": time.time() - started,

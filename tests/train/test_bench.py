@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from loracraft.train.bench import (
     MODELS,
     BenchConfig,
@@ -19,7 +21,6 @@ from loracraft.train.bench import (
     ref_resize,
     ref_to_normalized_tensor,
 )
-from PIL import Image
 
 
 def _check_model_result(r: dict, variants: str) -> None:
