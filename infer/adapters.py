@@ -453,32 +453,44 @@ def _tuner_layers(pipe):
 
 
 def fuse(pipe) -> None:
-    """Merge all loaded adapters, at their current scales, into the base weights (faster generation)."""
+    """Merge all loaded adapters, at their current scales, into the base weights.
+
+    After merging, the PEFT wrapper layers are lifted out of the module tree (kept aside for
+    :func:`unfuse`), so a fused pipeline runs exactly the base model's modules: no per-layer
+    Python overhead remains (PEFT's merged forward would still pass through every wrapper).
+    """
     reg = _registry(pipe)
     if not reg:
         raise UsageError("no adapters to fuse, fuse, load one with load_adapter first")
     if is_fused(pipe):
         return
-    backup = {
-        (component, path): module.get_base_layer().weight.detach().clone()
-        for component, path, module in _tuner_layers(pipe)
-    }
-    components = sorted({c for c, _ in backup})
+    layers = {(component, path): module for component, path, module in _tuner_layers(pipe)}
+    backup = {key: module.get_base_layer().weight.detach().clone() for key, module in layers.items()}
+    components = sorted({c for c, _ in layers})
     set_scales(pipe)
     pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=list(reg))
-    setattr(pipe, _FUSED, backup)
+    for (component, path), module in layers.items():
+        _replace_module(getattr(pipe, component), path, module.get_base_layer())
+    setattr(pipe, _FUSED, {"backup": backup, "layers": layers})
+
+
+def _replace_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
 
 
 def unfuse(pipe) -> None:
-    """Undo :func:`fuse`, restoring the base weights exactly."""
-    backup = getattr(pipe, _FUSED, None)
-    if backup is None:
+    """Undo :func:`fuse`: put the LoRA layers back and restore the base weights exactly."""
+    state = getattr(pipe, _FUSED, None)
+    if state is None:
         return
-    components = sorted({c for c, _ in backup})
-    pipe.unfuse_lora(components=components)
-    layers = {(c, p): m for c, p, m in _tuner_layers(pipe)}
+    layers = state["layers"]
+    for (component, path), module in layers.items():
+        _replace_module(getattr(pipe, component), path, module)
+    pipe.unfuse_lora(components=sorted({c for c, _ in layers}))
     with torch.no_grad():
-        for key, weight in backup.items():
+        for key, weight in state["backup"].items():
             layers[key].get_base_layer().weight.copy_(weight)
     setattr(pipe, _FUSED, None)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
+
 from loracraft.infer import adapters as A
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, read_lora, read_safetensors, write_lora
 from loracraft.infer.generate import generate
 from loracraft.infer.models import load_base
-from safetensors.torch import save_file
 
 STEPS = 2
 
@@ -78,11 +80,14 @@ def test_fused_matches_unfused_and_unfuse_restores_base_exactly(pipe, lora_dir, 
     unfused = image(pipe)
     A.fuse(pipe)
     assert A.is_fused(pipe)
+    # fused = the base's own modules, no PEFT wrappers left to slow each layer down
+    assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
     fused = image(pipe)
     assert max_diff(fused, unfused) <= 2
     with pytest.raises(UsageError):
         A.set_scales(pipe, [1.0, 1.0])  # scales are baked in while fused
     A.unfuse(pipe)
+    assert any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
     assert np.array_equal(image(pipe), unfused)
     A.unload(pipe)
     after = pipe.unet.state_dict()
