@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.formats import (
     LoraAdapter,
@@ -523,9 +524,10 @@ def build_random_lora(
     """
     from diffusers import UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
-    from loracraft.infer.formats import save_diffusers_lora
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+
+    from loracraft.infer.formats import save_diffusers_lora
 
     gen = torch.Generator().manual_seed(seed)
 

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.io import atomic_path
-from safetensors.torch import save_file
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: diffusers' key for the per-component LoraConfig (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY).

@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
+
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.io import atomic_path
 from loracraft.infer.models import base_info, size_multiple, vae_scale_factor
-from PIL import Image
 
 __all__ = [
     "SCHEDULERS",
@@ -106,7 +107,9 @@ class GenerationRecord:
 
     def a1111_parameters(self) -> str:
         """The A1111 ``parameters`` text: prompt (with ``<lora:name:scale>`` tags), negative, settings."""
-        tags = "".join(f" <lora:{a['name']}:{a['scale']:g}>" for a in self.adapters)
+        tags = "".join(
+            f" <lora:{a['name']}:{a['scale'] if a['scale'] is not None else 1:g}>" for a in self.adapters
+        )
         lines = [self.prompt + tags]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -393,9 +396,21 @@ def _validate(steps, guidance, num_images_per_prompt, strength, mask_image, init
 
 
 def _adapter_records(pipe) -> tuple[list[dict], bool]:
+    """Loaded adapters for the record, plus any attached behind loracraft's back (e.g. a plain
+    ``pipe.load_lora_weights``): those are recorded without a file, so regeneration refuses
+    instead of silently producing an image without them."""
     from loracraft.infer.adapters import is_fused, loaded_adapters
 
-    return [a.record() for a in loaded_adapters(pipe)], is_fused(pipe)
+    records = [a.record() for a in loaded_adapters(pipe)]
+    known = {r["name"] for r in records}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        for name in getattr(getattr(pipe, component, None), "peft_config", None) or {}:
+            if name not in known:
+                known.add(name)
+                records.append(
+                    {"name": name, "path": None, "scale": None, "sha256": None, "format": "unknown"}
+                )
+    return records, is_fused(pipe)
 
 
 def generate(
@@ -577,8 +592,13 @@ def regenerate(
     if base is None and b.get("base") in (None, "unknown"):
         raise UsageError(f"PNG does not record its base model, {png}, pass --base")
     for a in rec.adapters:
-        p = Path(a.get("path") or "")
-        if not a.get("path") or not p.is_file():
+        if not a.get("path"):
+            raise AdapterError(
+                f"adapter {a.get('name')!r} was attached outside loracraft, so the PNG does not name its file, "
+                f"{png}, load adapters with loracraft (load_adapter / --lora) to make images regenerable"
+            )
+        p = Path(a["path"])
+        if not p.is_file():
             raise AdapterError(f"adapter {a.get('name')!r} recorded in the PNG is missing, {p}, restore it")
         if a.get("sha256") and file_sha256(p) != a["sha256"]:
             raise AdapterError(

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from loracraft.infer.errors import ModelError, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, PICKLE_SUFFIXES
 

@@ -208,3 +208,15 @@ def test_sdxl_text_encoder_2_weights_refused_on_sd1(pipe, lora_dir, tmp_path):
     with pytest.raises(AdapterError) as e:
         A.load_adapter(pipe, bad)
     assert "no text_encoder_2" in one_line(e)
+
+
+def test_diffusers_kohya_diffusers_round_trip_gives_the_same_image(pipe, lora_dir, tmp_path):
+    from loracraft.infer.formats import convert_lora_file
+
+    A.load_adapter(pipe, lora_dir)
+    reference = image(pipe)
+    A.unload(pipe)
+    kohya = convert_lora_file(lora_dir, tmp_path / "k.safetensors", "kohya")
+    back = convert_lora_file(kohya, tmp_path / "back", "diffusers")
+    A.load_adapter(pipe, back)
+    assert np.array_equal(image(pipe), reference)

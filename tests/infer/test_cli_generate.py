@@ -7,10 +7,11 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from loracraft.infer.cli import register
 from loracraft.infer.errors import LoracraftError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, read_lora, read_safetensors
-from PIL import Image
 
 
 def run(*argv, capsys=None):

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.formats import (
     KOHYA_WEIGHT_NAME,
@@ -21,7 +23,6 @@ from loracraft.infer.formats import (
     read_safetensors,
     write_lora,
 )
-from safetensors.torch import save_file
 
 
 def one_line(err) -> str:

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from loracraft.infer import adapters as A
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.generate import (
@@ -20,7 +22,6 @@ from loracraft.infer.generate import (
     sweep_scales,
 )
 from loracraft.infer.models import load_base, size_multiple
-from PIL import Image
 
 PROMPT = "a red circle on a blue background"
 STEPS = 2
@@ -255,3 +256,15 @@ def test_scale_sweep_zero_is_base_and_one_is_the_adapter(pipe, lora_dir):
     fused_rows = sweep_scales(pipe, [1], prompt=PROMPT, seed=2, steps=STEPS, fuse=True)
     assert np.abs(px(fused_rows[0][0]) - px(full)).max() <= 2
     assert fused_rows[0][0].record.fused and not A.is_fused(pipe)
+
+
+def test_adapters_attached_outside_loracraft_make_regeneration_refuse(pipe, lora_dir, tmp_path):
+    pipe.load_lora_weights(
+        str(lora_dir), weight_name="pytorch_lora_weights.safetensors", adapter_name="plain"
+    )
+    g = generate(pipe, PROMPT, seed=0, steps=STEPS)[0]
+    assert [(a["name"], a["path"]) for a in g.record.adapters] == [("plain", None)]
+    path = g.save(tmp_path / "x.png")
+    with pytest.raises(AdapterError) as e:
+        regenerate(path)
+    assert "attached outside loracraft" in one_line(e)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import loracraft.infer
 import pytest
+
+import loracraft.infer
 
 INFER_DIR = Path(loracraft.infer.__file__).resolve().parent
 PACKAGE = "loracraft.infer"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from loracraft.infer.errors import ModelError, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME
 from loracraft.infer.generate import generate
@@ -112,3 +113,9 @@ def test_damaged_model_folder(tiny_sd, tmp_path):
     with pytest.raises(ModelError) as e:
         load_base(broken)
     assert "cannot load diffusers model" in one_line(e)
+
+
+def test_attention_slicing_gives_the_same_image(tiny_sd):
+    plain = generate(load_base(tiny_sd), "a red circle", seed=0, steps=2)[0].image
+    sliced = generate(load_base(tiny_sd, attention_slicing=True), "a red circle", seed=0, steps=2)[0].image
+    assert np.abs(np.asarray(plain).astype(int) - np.asarray(sliced)).max() <= 2
