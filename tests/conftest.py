@@ -100,7 +100,7 @@ def make_trainer():
         overrides = {
             "data.resolution": 32, "train.batch_size": 2, "train.max_steps": 30, "train.lr": 3e-3,
             "lora.rank": 8, "lora.alpha": 4, "checkpoint.every": 1000, "output.report_to": "[]",
-            "output.dir": str(out), **over,
+            "output.report": "false", "output.dir": str(out), **over,
         }
         cfg = build_config(
             {"model": {"base": str(base)}, "data": {"path": str(data)}},

@@ -5,4 +5,6 @@ import sys
 from loracraft.train.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    args = sys.argv[1:]
+    flags = [a for a in args if a == "--debug"]
+    sys.exit(main([*flags, "train", *[a for a in args if a != "--debug"]]))

@@ -82,6 +82,72 @@ def _fsync_tree(root: Path) -> None:
     fsync_dir(root)
 
 
+def temp_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f".tmp-{step_dir_name(step)}"
+
+
+def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
+    """Main process: a fresh temp dir that every rank then writes its own files into."""
+    tmp = temp_dir(ckpt_root, step)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def save_rank_state(tmp: Path, rank: int) -> None:
+    """Every rank: its own RNG state (LoRA dropout draws from the global torch generator)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    _guard(tmp, lambda: save_file(rng, str(tmp / f"rng-rank{rank}.safetensors")))
+
+
+def commit_checkpoint(
+    tmp: Path,
+    step: int,
+    trainables: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    state: dict,
+    scaler=None,
+) -> Path:
+    """Main process: write the shared state, fsync everything, and rename into place."""
+
+    def write() -> Path:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainables.items()}, str(tmp / "adapter.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_safe(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")
+        full_state = dict(state, step=step, lr_scheduler=lr_scheduler.state_dict())
+        if scaler is not None:
+            full_state["grad_scaler"] = scaler.state_dict()
+        # state.json last: list_checkpoints() treats a dir without it as incomplete.
+        (tmp / "state.json").write_text(json.dumps(full_state, indent=2, default=str), encoding="utf-8")
+        _fsync_tree(tmp)
+        final = tmp.parent / step_dir_name(step)
+        if final.exists():  # an older checkpoint of the same step (a resumed run re-saving it)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(tmp.parent)
+        return final
+
+    return _guard(tmp, write)
+
+
+def _guard(tmp: Path, fn):
+    """Run a write; on OSError remove the temp dir and say the previous checkpoint is intact."""
+    try:
+        return fn()
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {tmp.name.removeprefix('.tmp-')}, {tmp.parent}: {e.strerror or e}; "
+            "the previous checkpoint is intact — free disk space and resume"
+        ) from e
+
+
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
@@ -89,47 +155,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
     state: dict,
-    is_main: bool = True,
-    rank: int = 0,
     scaler=None,
-) -> Path | None:
-    """Write a complete checkpoint for ``step`` atomically; returns its final path (main process)."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{step_dir_name(step)}"
-    # Every rank writes its own RNG file into the shared temp dir; the main process renames.
-    if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    return_path = None
-    try:
-        if is_main:
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainables.items()}, str(tmp / "adapter.safetensors"))
-            opt_tensors, opt_meta = _optimizer_to_safe(optimizer)
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")
-            full_state = dict(state, step=step, lr_scheduler=lr_scheduler.state_dict())
-            if scaler is not None:
-                full_state["grad_scaler"] = scaler.state_dict()
-            (tmp / "state.json").write_text(json.dumps(full_state, indent=2, default=str), encoding="utf-8")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        if tmp.exists():
-            save_file(rng, str(tmp / f"rng-rank{rank}.safetensors"))
-        if is_main:
-            _fsync_tree(tmp)
-            os.replace(tmp, final)
-            fsync_dir(ckpt_root)
-            return_path = final
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"could not write checkpoint for step {step}, {final}: {e.strerror or e}; "
-            "the previous checkpoint is intact — free disk space and resume"
-        ) from e
-    return return_path
+) -> Path:
+    """Single-process convenience: begin + this rank's state + commit."""
+    tmp = begin_checkpoint(ckpt_root, step)
+    save_rank_state(tmp, 0)
+    return commit_checkpoint(tmp, step, trainables, optimizer, lr_scheduler, state, scaler)
 
 
 def prune_checkpoints(ckpt_root: Path, keep: int) -> None:

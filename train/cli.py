@@ -29,6 +29,7 @@ SUBCOMMAND_MODULES = (
     "loracraft.train.demo",
     "loracraft.train.evaluate",
     "loracraft.train.report",
+    "loracraft.train.ui",
 )
 
 

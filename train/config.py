@@ -93,6 +93,7 @@ class TrainCfg(_Section):
     grad_accum: int = Field(1, gt=0)
     max_steps: int = Field(1000, gt=0)
     lr: float = Field(1e-4, gt=0)
+    scale_lr: bool = Field(False, description="multiply lr by batch_size x processes x grad_accum")
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
@@ -140,6 +141,7 @@ class ValidationCfg(_Section):
 class OutputCfg(_Section):
     dir: str | None = Field(None, description="run directory; null -> runs/<config file stem>")
     overwrite: bool = False
+    report: bool = Field(True, description="write report.html (curves, samples, LoRA-scale sweep) at the end")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
 
     @field_validator("report_to", mode="before")

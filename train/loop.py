@@ -113,6 +113,9 @@ class LoraTrainer:
 
         report_to = list(self.cfg.output.report_to) or None
         acc = Accelerator(
+            # Without an accelerator device, accelerate only forms a multi-process (gloo) group
+            # under torchrun when told it is on CPU; otherwise every rank trains alone.
+            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
             gradient_accumulation_steps=self.cfg.train.grad_accum,
             mixed_precision=self.cfg.train.mixed_precision,
             log_with=report_to,
@@ -237,8 +240,11 @@ class LoraTrainer:
         return trainables
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
-        t = self.cfg.train
-        return torch.optim.AdamW(list(self.trainables.values()), lr=t.lr, weight_decay=t.weight_decay)
+        t, acc = self.cfg.train, self.accelerator
+        lr = t.lr * (t.batch_size * acc.num_processes * t.grad_accum if t.scale_lr else 1)
+        if t.scale_lr:
+            self._print(f"train.scale_lr: learning rate {t.lr:g} x effective batch = {lr:g}")
+        return torch.optim.AdamW(list(self.trainables.values()), lr=lr, weight_decay=t.weight_decay)
 
     def _setup_lr_scheduler(self):
         from diffusers.optimization import get_scheduler
@@ -253,6 +259,7 @@ class LoraTrainer:
             return 0
         state = ckpt.read_state(self.resume_from)
         diff = config_diff(normalize_training(state["config_training"]), self.cfg.training_relevant())
+        diff = self._check_process_change(state, diff)
         if diff and not self.cfg.checkpoint.allow_config_change:
             raise UsageError(
                 f"config differs from the checkpoint's, {self.resume_from}: {'; '.join(diff)}; "
@@ -298,6 +305,28 @@ class LoraTrainer:
         )
         acc.wait_for_everyone()
         return sources
+
+    def _check_process_change(self, state: dict, diff: list[str]) -> list[str]:
+        """A different process count is fine when the effective batch is unchanged: samples are
+        keyed by global position, so every step sees the same samples with the same noise; only
+        the order of the gradient all-reduce differs (not bit-identical, ~1e-7 relative)."""
+        t, acc = self.cfg.train, self.accelerator
+        old_p = int(state.get("num_processes", 1))
+        old_eff = int(state.get("effective_batch", t.batch_size * old_p * t.grad_accum))
+        new_eff = t.batch_size * acc.num_processes * t.grad_accum
+        if old_p == acc.num_processes:
+            return diff
+        if old_eff == new_eff:
+            self._print(
+                f"warning: resuming a {old_p}-process run on {acc.num_processes} processes; same samples and "
+                "noise per step, but gradients are summed in a different order, so the result is "
+                "close to, not bit-identical with, an uninterrupted run"
+            )
+            return [d for d in diff if not d.startswith("train.batch_size:")]
+        return diff + [
+            f"effective batch: {old_eff} ({old_p} processes) -> {new_eff} ({acc.num_processes} processes); "
+            f"keep batch_size x processes x grad_accum = {old_eff}"
+        ]
 
     def _setup_batches(self):
         examples = TrainingExamples(self.planner, **self.sources)
@@ -458,29 +487,28 @@ class LoraTrainer:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
 
     def _checkpoint(self) -> None:
+        """Every rank writes its RNG into the main process's temp dir; main commits it atomically."""
         self._flush_logs()
-        acc = self.accelerator
+        acc, t = self.accelerator, self.cfg.train
         root = self.run_dir / "checkpoints"
         acc.wait_for_everyone()
-        ckpt.save_checkpoint(
-            root,
-            self.step,
-            self.trainables,
-            self.optimizer.optimizer,
-            self.lr_scheduler,
-            state={
+        tmp = ckpt.begin_checkpoint(root, self.step) if acc.is_main_process else ckpt.temp_dir(root, self.step)
+        acc.wait_for_everyone()
+        ckpt.save_rank_state(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {
                 "config": scrub(self.cfg.dump()),
                 "config_training": self.cfg.training_relevant(),
                 "num_processes": acc.num_processes,
-                "samples_seen": self.step * self.cfg.train.grad_accum * self.cfg.train.batch_size * acc.num_processes,
-            },
-            is_main=acc.is_main_process,
-            rank=acc.process_index,
-            scaler=acc.scaler,
-        )
-        acc.wait_for_everyone()
-        if acc.is_main_process:
+                "effective_batch": t.batch_size * acc.num_processes * t.grad_accum,
+                "samples_seen": self.step * t.grad_accum * t.batch_size * acc.num_processes,
+            }
+            ckpt.commit_checkpoint(
+                tmp, self.step, self.trainables, self.optimizer.optimizer, self.lr_scheduler, state, acc.scaler
+            )
             ckpt.prune_checkpoints(root, self.cfg.checkpoint.keep)
+        acc.wait_for_everyone()
 
     def _stop_on_signal(self) -> None:
         name = signal.Signals(self._signal).name
@@ -529,15 +557,22 @@ class LoraTrainer:
     # ------------------------------------------------------------------ finish
     def cleanup(self) -> Path:
         """Final adapter + manifest (main process), trackers closed."""
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
         acc.wait_for_everyone()
         out = self.run_dir / LORA_WEIGHT_NAME
+        state = unet_lora_state_dict(acc.unwrap_model(self.unet))
+        # Every rank's hash goes into the manifest: DDP replicas must hold identical weights.
+        rank_hashes = gather_object([tensors_sha256(state)])
         if acc.is_main_process:
-            unet = acc.unwrap_model(self.unet)
-            state = unet_lora_state_dict(unet)
             save_diffusers_lora(out, state, self.lora_config.to_dict(), self._adapter_metadata())
-            self._write_manifest(status="complete", weights_sha256=tensors_sha256(state))
+            self._write_manifest(status="complete", weights_sha256=rank_hashes[0], rank_weights_sha256=rank_hashes)
             self._print(f"adapter written to {out}")
+            if self.cfg.output.report:
+                from loracraft.train.report import write_report
+
+                self._print(f"report written to {write_report(self.run_dir)}")
         acc.end_training()
         return out
 
@@ -559,7 +594,8 @@ class LoraTrainer:
             "ss_training_comment": "trained with loracraft",
         }
 
-    def _write_manifest(self, status: str, weights_sha256: str | None = None) -> None:
+    def _write_manifest(self, status: str, weights_sha256: str | None = None,
+                        rank_weights_sha256: list[str] | None = None) -> None:
         manifest = {
             "status": status,
             "config": scrub(self.cfg.dump()),
@@ -573,6 +609,7 @@ class LoraTrainer:
             "dataset_fingerprint": self.dataset_fingerprint,
             "base_fingerprint": getattr(self, "_base_fp", None) or self._fingerprint_base(),
             "weights_sha256": weights_sha256,
+            "rank_weights_sha256": rank_weights_sha256,
             "wall_time_s": round(time.time() - getattr(self, "_start_time", time.time()), 3),
             "adapter": LORA_WEIGHT_NAME if weights_sha256 else None,
         }

@@ -75,3 +75,34 @@ def test_other_run_in_output_dir_is_refused(cli_run, tiny_sd, tiny_dataset, cli)
     assert proc.returncode == 2
     assert "holds a different run" in proc.stderr and "train.lr" in proc.stderr
     assert (cli_run / "pytorch_lora_weights.safetensors").read_bytes() == before
+
+
+def test_report_has_every_section_and_inline_images(cli_run):
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.ids, self.imgs, self.stack = set(), [], []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if "id" in a:
+                self.ids.add(a["id"])
+            if tag == "img":
+                self.imgs.append(a["src"])
+
+    page = (cli_run / "report.html").read_text()
+    parser = Collect()
+    parser.feed(page)
+    assert {"summary", "curves", "validation", "sweep", "manifest"} <= parser.ids
+    assert len(parser.imgs) >= 3  # curves, one validation grid, the sweep
+    for src in parser.imgs:
+        assert src.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    sweep = Image.open(cli_run / "samples" / "scale-sweep.png")
+    assert sweep.size == (32, 32 * 5)  # 5 scales x 1 validation prompt

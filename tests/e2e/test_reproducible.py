@@ -31,7 +31,7 @@ def recipe(tmp_path_factory, tiny_sd):
         "lora: {rank: 4, alpha: 2, dropout: 0.1}\n"
         f"train: {{max_steps: {STEPS}, lr: 1.0e-3, lr_scheduler: cosine, warmup_steps: 5, batch_size: 1}}\n"
         f"checkpoint: {{every: {EVERY}, keep: 2}}\n"
-        "output: {report_to: []}\n"
+        "output: {report_to: [], report: false}\n"
     )
     return p
 

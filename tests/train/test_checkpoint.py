@@ -67,7 +67,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", full)
-    with pytest.raises(ckpt.CheckpointError, match=r"step 2.*No space left.*previous checkpoint is intact"):
+    with pytest.raises(ckpt.CheckpointError, match=r"step-000002.*No space left.*previous checkpoint is intact"):
         ckpt.save_checkpoint(tmp_path, 2, params, opt, sched, state={})
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before

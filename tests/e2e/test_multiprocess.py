@@ -1,0 +1,123 @@
+"""Two CPU processes through torchrun + gloo (what `accelerate launch` does on GPUs).
+
+`accelerate launch --cpu --num_processes 2` starts a single process on this machine, so the
+test uses torchrun, which the trainer supports directly (`python -m loracraft.train`).
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tiny_sd):
+    from loracraft.infer.testing import write_captioned_dataset
+
+    root = tmp_path_factory.mktemp("mp")
+    data = write_captioned_dataset(root / "data", n=5, seed=21)
+    p = root / "mp.yaml"
+    p.write_text(
+        f"model: {{base: {tiny_sd}}}\n"
+        f"data: {{path: {data}, resolution: 32, random_flip: true}}\n"
+        "lora: {rank: 4, alpha: 4}\n"
+        f"train: {{max_steps: {STEPS}, lr: 1.0e-3}}\n"
+        "checkpoint: {every: 3}\n"
+        "output: {report_to: [], report: false}\n"
+    )
+    return p
+
+
+def _torchrun(recipe, out, *over, nproc=2, popen=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", "0", "-m", "loracraft.train", str(recipe), f"output.dir={out}", *over]
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def _single(recipe, out, *over):
+    cmd = [sys.executable, "-m", "loracraft.train", str(recipe), f"output.dir={out}", *over]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def two_proc(recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    proc = _torchrun(recipe, out, "train.batch_size=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_both_ranks_hold_identical_weights(two_proc):
+    manifest = json.loads((two_proc / "run.json").read_text())
+    assert manifest["num_processes"] == 2
+    hashes = manifest["rank_weights_sha256"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1] == manifest["weights_sha256"]
+
+
+def test_only_one_set_of_outputs(two_proc):
+    rows = [json.loads(r)["step"] for r in (two_proc / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, STEPS + 1))
+    names = sorted(p.name for p in two_proc.iterdir())
+    assert names == ["checkpoints", "logs", "pytorch_lora_weights.safetensors", "run.json"]
+    ckpt = sorted((two_proc / "checkpoints").iterdir())[-1]
+    assert sorted(p.name for p in ckpt.glob("rng-rank*")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
+
+
+def test_two_processes_equal_one_process_with_double_batch(recipe, two_proc, tmp_path):
+    """Same samples and keyed noise per step; only gradient summation order differs (fp32
+    all-reduce of 2 partial means vs one mean over 2 samples), so weights agree to ~1e-6."""
+    import torch
+
+    one = tmp_path / "one"
+    proc = _single(recipe, one, "train.batch_size=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(two_proc / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(one / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_killed_two_process_run_resumes_exactly(recipe, two_proc, tmp_path):
+    run = tmp_path / "killed"
+    proc = _torchrun(recipe, run, "train.batch_size=1", popen=True)
+    first = run / "checkpoints" / "step-000003"
+    deadline = time.time() + 600
+    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, like a lost node
+    proc.wait()
+    assert not (run / "pytorch_lora_weights.safetensors").exists(), "finished before the kill"
+    resumed = _torchrun(recipe, run, "train.batch_size=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    assert json.loads((run / "run.json").read_text())["weights_sha256"] == json.loads(
+        (two_proc / "run.json").read_text())["weights_sha256"]
+
+
+def test_resume_on_other_process_count_keeps_effective_batch(recipe, two_proc, tmp_path):
+    import shutil
+
+    run = tmp_path / "moved"
+    shutil.copytree(two_proc, run)
+    manifest = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(dict(manifest, status="running")))
+    shutil.rmtree(run / "checkpoints" / f"step-{STEPS - 2:06d}", ignore_errors=True)
+    for ck in sorted((run / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(ck)  # keep the step-3 checkpoint only
+    refused = _single(recipe, run, "train.batch_size=1")
+    assert refused.returncode == 2 and "effective batch: 2 (2 processes) -> 1 (1 processes)" in refused.stderr
+    allowed = _single(recipe, run, "train.batch_size=2")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "not bit-identical" in allowed.stderr
