@@ -130,7 +130,7 @@ def _rewrite(src_dir, dst, edit):
 
 
 def test_shape_mismatch_names_module_and_both_shapes(pipe, lora_dir, tmp_path):
-    key = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight"
+    key = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"
 
     def edit(t):
         t[key] = torch.zeros(8, 768)  # an SD1.5 text width on a 32-wide tiny model
@@ -220,3 +220,17 @@ def test_diffusers_kohya_diffusers_round_trip_gives_the_same_image(pipe, lora_di
     back = convert_lora_file(kohya, tmp_path / "back", "diffusers")
     A.load_adapter(pipe, back)
     assert np.array_equal(image(pipe), reference)
+
+
+def test_attention_plus_projection_adapter_loads_fully_in_plain_diffusers(pipe, tiny_sd, tmp_path):
+    """diffusers' mixed key spelling (to_q.lora.down next to proj_in.lora_A) made plain
+    load_lora_weights drop every attention LoRA silently; save_diffusers_lora writes one spelling."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    path = A.build_random_lora(tiny_sd, tmp_path / "t" / LORA_WEIGHT_NAME, targets=targets, seed=3, std=0.3)
+    tensors, _ = read_safetensors(path)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+    A.load_adapter(pipe, path)
+    ours = image(pipe)
+    A.unload(pipe)
+    pipe.load_lora_weights(str(path.parent), weight_name=LORA_WEIGHT_NAME, adapter_name="plain")
+    assert max_diff(image(pipe), ours) <= 2
