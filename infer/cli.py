@@ -128,7 +128,7 @@ def _validate_generate(args) -> list[str]:
         if given:
             problems.append(
                 f"--from-png takes every setting from the image, {', '.join(given)}, drop them "
-                "(only --base/--base-config/--out may be given to relocate files)"
+                "(only --base/--base-config/--out/--allow-pickle may be given)"
             )
         return problems
     if not args.base:
@@ -194,7 +194,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     index = _next_index(out)
 
     if args.from_png:
-        image = regenerate(args.from_png, base=args.base, base_config=args.base_config)
+        image = regenerate(
+            args.from_png, base=args.base, base_config=args.base_config, allow_pickle=args.allow_pickle
+        )
         path = image.save(out / f"{index:05d}-{image.record.seed}.png")
         print(path)
         return 0

@@ -571,7 +571,11 @@ def sweep_scales(
 
 
 def regenerate(
-    png: str | Path, *, base: str | Path | None = None, base_config: str | Path | None = None
+    png: str | Path,
+    *,
+    base: str | Path | None = None,
+    base_config: str | Path | None = None,
+    allow_pickle: bool = False,
 ) -> GeneratedImage:
     """Rebuild the pipeline a loracraft PNG records and generate its image again.
 
@@ -579,6 +583,7 @@ def regenerate(
         png: a single image written by loracraft (not a grid).
         base: use this base location instead of the recorded one (e.g. the model moved).
         base_config: likewise for a single-file base's config folder.
+        allow_pickle: permit pickle-based base/adapter files named by the record.
 
     Raises:
         UsageError: no record; AdapterError: a recorded adapter is missing or has changed.
@@ -624,9 +629,17 @@ def regenerate(
         torch_dtype=b.get("dtype"),
         device=b.get("device") or "cpu",
         config=base_config if base_config is not None else b.get("config"),
+        allow_pickle=allow_pickle,
     )
     for a in rec.adapters:
-        A.load_adapter(pipe, a["path"], name=a["name"], scale=float(a["scale"]), activate=False)
+        A.load_adapter(
+            pipe,
+            a["path"],
+            name=a["name"],
+            scale=float(a["scale"]),
+            allow_pickle=allow_pickle,
+            activate=False,
+        )
     if rec.adapters:
         A.set_scales(pipe)
         if rec.fused:
