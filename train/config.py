@@ -98,7 +98,11 @@ class TrainCfg(_Section):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     warmup_steps: int = Field(0, ge=0)
-    optimizer: Literal["adamw"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = Field(
+        "adamw",
+        description="adamw (torch) | adamw8bit (bitsandbytes, CUDA only) | prodigy (prodigyopt, "
+        "learning-rate free: use lr ~1.0) | adafactor (transformers, fixed lr)",
+    )
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="null disables clipping")
     mixed_precision: MixedPrecision = "no"

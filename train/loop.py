@@ -47,6 +47,7 @@ from loracraft.train.loss import (
     training_target,
 )
 from loracraft.train.manifest import environment, git_commit, scrub, versions
+from loracraft.train.optim import build_optimizer, optimizer_problems
 
 LOG_EVERY = 10  # host syncs for logging happen only this often
 
@@ -71,6 +72,7 @@ def validate_before_load(cfg: Config) -> None:
             check()
         except LoracraftError as e:
             problems += e.problems
+    problems += optimizer_problems(cfg.train)
     if problems:
         raise ConfigError(problems[0], problems)
 
@@ -244,7 +246,7 @@ class LoraTrainer:
         lr = t.lr * (t.batch_size * acc.num_processes * t.grad_accum if t.scale_lr else 1)
         if t.scale_lr:
             self._print(f"train.scale_lr: learning rate {t.lr:g} x effective batch = {lr:g}")
-        return torch.optim.AdamW(list(self.trainables.values()), lr=lr, weight_decay=t.weight_decay)
+        return build_optimizer(t, list(self.trainables.values()), lr)
 
     def _setup_lr_scheduler(self):
         from diffusers.optimization import get_scheduler

@@ -1,0 +1,88 @@
+"""Optimizers selected by ``train.optimizer``; optional backends imported lazily.
+
+| name      | implementation                                   | extra to install   |
+|-----------|--------------------------------------------------|--------------------|
+| adamw     | ``torch.optim.AdamW``                            | (none)             |
+| adamw8bit | ``bitsandbytes.optim.AdamW8bit`` (CUDA only)     | ``loracraft[bnb]`` |
+| prodigy   | ``prodigyopt.Prodigy`` (learning-rate free; lr ~1.0) | ``loracraft[prodigy]`` |
+| adafactor | ``transformers.optimization.Adafactor``, fixed lr | (none)             |
+
+Every optimizer's state is a dict of tensors and plain numbers, which the pickle-free
+checkpoint stores as safetensors + JSON (tested by exact-resume tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+
+import torch
+
+from loracraft.infer.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+
+
+def optimizer_problems(cfg_train) -> list[str]:
+    """Why the configured optimizer cannot run here (no weights needed): one line per problem."""
+    name = cfg_train.optimizer
+    if name == "adamw8bit":
+        if not torch.cuda.is_available():
+            # bitsandbytes' 8-bit optimizer update kernels are CUDA kernels; on a CPU-only
+            # machine the step fails deep inside bitsandbytes (or it is not even installable).
+            return [
+                "train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit optimizer kernels run on CUDA) "
+                "and none is available, config, use train.optimizer=adamw or adafactor"
+            ]
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return [
+                "train.optimizer=adamw8bit needs bitsandbytes, which is not installed, config, "
+                "pip install 'loracraft[bnb]' (or choose train.optimizer=adamw)"
+            ]
+    if name == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        return [
+            "train.optimizer=prodigy needs prodigyopt, which is not installed, config, "
+            "pip install 'loracraft[prodigy]' (or choose train.optimizer=adamw)"
+        ]
+    return []
+
+
+def build_optimizer(
+    cfg_train, params_or_groups: Iterable[torch.nn.Parameter] | list[dict], effective_lr: float
+) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg_train.optimizer`` over parameters or param groups.
+
+    Args:
+        cfg_train: the ``train`` config section (``optimizer``, ``weight_decay``).
+        params_or_groups: parameters, or torch param groups (dicts with ``params`` and
+            optionally their own ``lr``, e.g. LoRA+ or a text-encoder learning rate).
+        effective_lr: the default learning rate (``train.lr``, scaled if ``train.scale_lr``).
+    """
+    problems = optimizer_problems(cfg_train)
+    if problems:
+        raise ConfigError(problems[0], problems)
+    params = list(params_or_groups)
+    name, wd = cfg_train.optimizer, cfg_train.weight_decay
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=effective_lr, weight_decay=wd)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=effective_lr, weight_decay=wd)
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        # Prodigy estimates the step size itself; lr is a multiplier on it (1.0 recommended).
+        return Prodigy(params, lr=effective_lr, weight_decay=wd)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Fixed external learning rate (the kohya / OneTrainer LoRA setting), not Adafactor's
+        # relative step size, so train.lr and the LR schedule mean what they say.
+        return Adafactor(
+            params, lr=effective_lr, weight_decay=wd, scale_parameter=False, relative_step=False, warmup_init=False
+        )
+    raise ConfigError(f"unknown train.optimizer {name!r}, config, use one of {', '.join(OPTIMIZERS)}")
+
+
+__all__ = ["OPTIMIZERS", "build_optimizer", "optimizer_problems"]
