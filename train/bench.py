@@ -704,9 +704,13 @@ class VariantServer:
                 setup_s = time.perf_counter() - t0
                 return {"setup_s": setup_s, "start_rss_mb": start_rss, **extra, **self.runner.describe()}
             if msg["cmd"] == "run":
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 loss = self.runner.run(msg["steps"])
-                return {"seconds": time.perf_counter() - t0, "loss": loss}
+                return {
+                    "seconds": time.perf_counter() - t0,
+                    "cpu_seconds": time.process_time() - c0,
+                    "loss": loss,
+                }
             if msg["cmd"] == "quit":
                 return {"peak_rss_mb": _maxrss_mb()}
             return {"error": f"unknown command {msg['cmd']!r}"}
@@ -812,8 +816,8 @@ class BenchConfig:
     rank: int = 4
     images: int = 32  # dataset size; one epoch = ceil(images / batch_size) steps
     warmup: int = 3  # steps per variant before timing, discarded
-    window: int = 5  # steps per timed window
-    rounds: int = 5  # timed windows per variant (steps/s = median over them)
+    window: int = 3  # steps per timed window (short: neighbouring windows see the same machine load)
+    rounds: int = 10  # timed windows per variant (steps/s = median over them)
     threads: int = field(default_factory=torch.get_num_threads)
     seed: int = 0
     center_crop: bool = True
@@ -829,17 +833,22 @@ class BenchConfig:
 
 
 def _summarize(
-    variant: str, spec: BenchSpec, setup: dict, windows: list[float], quit_: dict, isolated: bool
+    variant: str, spec: BenchSpec, setup: dict, windows: list[dict], quit_: dict, isolated: bool
 ) -> dict:
     v = VARIANTS[variant]
-    steps_per_s = statistics.median(windows)
+    speeds = [w["steps"] / w["seconds"] for w in windows]
+    steps_per_s = statistics.median(speeds)
     return {
         "label": v.label,
         "processes": v.processes,
         "steps_per_s": steps_per_s,
         "samples_per_s": steps_per_s * spec.batch_size * v.processes,
         "ms_per_step": 1000.0 / steps_per_s,
-        "window_steps_per_s": windows,
+        # CPU time of the variant's process per step: much less sensitive to other load on the
+        # machine than wall time (with 1 thread it is the work itself; with more it includes
+        # OpenMP spin-waiting; DataLoader worker processes, if any, are not counted).
+        "cpu_ms_per_step": statistics.median(1000.0 * w["cpu_seconds"] / w["steps"] for w in windows),
+        "window_steps_per_s": speeds,
         "setup_s": setup["setup_s"],
         "cache_s": setup.get("cache_s"),
         "start_rss_mb": setup["start_rss_mb"] if isolated else None,
@@ -858,17 +867,21 @@ def ratios(result: dict, spec: BenchSpec) -> dict:
     This is the place to add a ratio line (e.g. issue 7's samples/s of 2 processes over 1).
     """
     v = result["variants"]
-
-    def speed(a: str, b: str) -> float | None:
-        return v[a]["steps_per_s"] / v[b]["steps_per_s"] if a in v and b in v else None
-
-    out = {
-        "b/a": speed("b", "a"),
-        "b/d": speed("b", "d"),
-        "c/a": speed("c", "a"),
-        "d/a": speed("d", "a"),
-        "b/c": speed("b", "c"),
+    pairs = [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c")]
+    pairs = [(x, y) for x, y in pairs if x in v and y in v]
+    # Speed ratio = ratio of the median steps/s (wall clock), the headline figure; two cross-checks:
+    # "paired" = median over rounds of the ratio within a round (both windows ran back to back,
+    # under nearly the same load), "cpu" = ratio of CPU time per step (load-insensitive).
+    out: dict = {f"{x}/{y}": v[x]["steps_per_s"] / v[y]["steps_per_s"] for x, y in pairs}
+    out["paired"] = {
+        f"{x}/{y}": statistics.median(
+            sx / sy for sx, sy in zip(v[x]["window_steps_per_s"], v[y]["window_steps_per_s"], strict=True)
+        )
+        for x, y in pairs
     }
+    out["cpu"] = {f"{x}/{y}": v[y]["cpu_ms_per_step"] / v[x]["cpu_ms_per_step"] for x, y in pairs}
+    for x, y in [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c")]:
+        out.setdefault(f"{x}/{y}", None)
     rss = [v.get(k, {}).get("peak_rss_mb") for k in ("b", "d")]
     out["rss_b/rss_d"] = rss[0] / rss[1] if all(rss) else None
     out["cache_cost_s"] = out["uncached_epoch_s"] = out["cache_cost_epoch_fraction"] = None
@@ -903,13 +916,23 @@ def _ask_all(workers: dict, msg: dict) -> dict:
 
 
 def measure_model(
-    model: BenchModel, cfg: BenchConfig, root: Path, log: Callable[[str], None] = print
+    model: BenchModel,
+    cfg: BenchConfig,
+    root: Path,
+    log: Callable[[str], None] = print,
+    model_dir: str | Path | None = None,
 ) -> dict:
-    """Build ``model`` and its dataset under ``root`` and measure every variant of ``cfg`` on them."""
+    """Build ``model`` (unless ``model_dir`` holds it already) and its dataset under ``root``,
+    and measure every variant of ``cfg`` on them.
+
+    Variants run in processes started by multiprocessing's forkserver, which imports the
+    caller's ``__main__`` module in each: scripts calling this need the usual
+    ``if __name__ == "__main__":`` guard.
+    """
     from loracraft.infer.testing import write_captioned_dataset
 
     mroot = root / model.name
-    model_dir = mroot / "model"
+    model_dir = Path(model_dir) if model_dir else mroot / "model"
     if not (model_dir / "model_index.json").is_file():
         model.builder(model_dir, seed=cfg.seed)
     data_dir = write_captioned_dataset(mroot / "data", n=cfg.images, px=model.image_px, seed=cfg.seed)
@@ -939,15 +962,17 @@ def measure_model(
             setups[k] = w.ask({"cmd": "setup"})
         log(f"  [{model.name}] warm-up: {cfg.warmup} steps each")
         _ask_all(workers, {"cmd": "run", "steps": cfg.warmup})
-        windows: dict[str, list[float]] = {k: [] for k in workers}
+        windows: dict[str, list[dict]] = {k: [] for k in workers}
         keys = list(workers)
         for r in range(cfg.rounds):
             order = keys[r % len(keys) :] + keys[: r % len(keys)]  # rotate: no variant always goes first
             for k in order:
-                windows[k].append(cfg.window / workers[k].ask({"cmd": "run", "steps": cfg.window})["seconds"])
+                windows[k].append(
+                    {"steps": cfg.window, **workers[k].ask({"cmd": "run", "steps": cfg.window})}
+                )
             log(
                 f"  [{model.name}] round {r + 1}/{cfg.rounds}: "
-                + "  ".join(f"({k}) {windows[k][-1]:.2f}" for k in keys)
+                + "  ".join(f"({k}) {cfg.window / windows[k][-1]['seconds']:.2f}" for k in keys)
                 + " steps/s"
             )
         quits = _ask_all(workers, {"cmd": "quit"})
@@ -1019,6 +1044,12 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _ratio(q: dict, key: str) -> str:
+    if q.get(key) is None:
+        return "-"
+    return f"{q[key]:.2f} (paired {q['paired'][key]:.2f}, CPU {q['cpu'][key]:.2f})"
+
+
 def format_report(results: dict) -> str:
     """The printed table: one block per model, then its ratios and checks."""
     lines = []
@@ -1032,18 +1063,22 @@ def format_report(results: dict) -> str:
             f"{r['images']} images, {s['unet_dtype']}, {s['threads']} threads, attention {','.join(s['attention'])}"
         )
         lines.append(
-            f"  {'variant':<52} {'steps/s':>8} {'ms/step':>8} {'samples/s':>9} {'setup s':>8} "
+            f"  {'variant':<52} {'steps/s':>8} {'ms/step':>8} {'CPU ms':>8} {'samples/s':>9} {'setup s':>8} "
             f"{'peak RSS MB':>11}"
         )
         for k, v in r["variants"].items():
             lines.append(
                 f"  ({k}) {v['label']:<48} {v['steps_per_s']:>8.2f} {v['ms_per_step']:>8.1f} "
-                f"{v['samples_per_s']:>9.1f} {v['setup_s']:>8.2f} {_fmt(v['peak_rss_mb'], '.0f'):>11}"
+                f"{v['cpu_ms_per_step']:>8.1f} {v['samples_per_s']:>9.1f} {v['setup_s']:>8.2f} "
+                f"{_fmt(v['peak_rss_mb'], '.0f'):>11}"
             )
         q = r["ratios"]
+
         lines.append(
-            f"  ratios: (b)/(a) {_fmt(q['b/a'])}   (b)/(d) {_fmt(q['b/d'])}   RSS(b)/RSS(d) {_fmt(q['rss_b/rss_d'])}"
-            f"   [(c)/(a) {_fmt(q['c/a'])}  (d)/(a) {_fmt(q['d/a'])}  (b)/(c) {_fmt(q['b/c'])}]"
+            f"  ratios: (b)/(a) {_ratio(q, 'b/a')}   (b)/(d) {_ratio(q, 'b/d')}   RSS(b)/RSS(d) {_fmt(q['rss_b/rss_d'])}"
+        )
+        lines.append(
+            f"          (c)/(a) {_ratio(q, 'c/a')}   (d)/(a) {_ratio(q, 'd/a')}   (b)/(c) {_ratio(q, 'b/c')}"
         )
         if q.get("cache_cost_epoch_fraction") is not None:
             lines.append(
