@@ -8,6 +8,7 @@ safetensors + JSON:
   step-000040/adapter.safetensors      trainable parameters by name (fp32)
   step-000040/optimizer.safetensors    optimizer state tensors; optimizer.json the rest
   step-000040/rng-rank0.safetensors    torch CPU (+CUDA) RNG state of each rank
+  step-000040/ema.safetensors          EMA of the adapter weights (only with train.ema_decay)
   step-000040/state.json               step, LR scheduler, grad scaler, config snapshot, processes
 
 The data position is not stored separately: every random draw is keyed by the global
@@ -112,11 +113,14 @@ def commit_checkpoint(
     lr_scheduler,
     state: dict,
     scaler=None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Main process: write the shared state, fsync everything, and rename into place."""
 
     def write() -> Path:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainables.items()}, str(tmp / "adapter.safetensors"))
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
         opt_tensors, opt_meta = _optimizer_to_safe(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")
@@ -156,11 +160,12 @@ def save_checkpoint(
     lr_scheduler,
     state: dict,
     scaler=None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Single-process convenience: begin + this rank's state + commit."""
     tmp = begin_checkpoint(ckpt_root, step)
     save_rank_state(tmp, 0)
-    return commit_checkpoint(tmp, step, trainables, optimizer, lr_scheduler, state, scaler)
+    return commit_checkpoint(tmp, step, trainables, optimizer, lr_scheduler, state, scaler, ema)
 
 
 def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
@@ -186,9 +191,12 @@ def load_checkpoint(
     lr_scheduler,
     rank: int = 0,
     scaler=None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Restore parameters, optimizer, scheduler, scaler and this rank's RNG; returns state.json."""
+    """Restore parameters, optimizer, scheduler, scaler, this rank's RNG and (if given and saved)
+    the EMA tensors in place; returns state.json plus ``ema_restored`` (bool)."""
     state = read_state(ckpt)
+    state["ema_restored"] = False
     try:
         saved = load_file(str(ckpt / "adapter.safetensors"))
         missing = sorted(set(trainables) - set(saved))
@@ -200,6 +208,12 @@ def load_checkpoint(
         with torch.no_grad():
             for name, p in trainables.items():
                 p.copy_(saved[name])
+        if ema is not None and (ckpt / "ema.safetensors").is_file():
+            saved_ema = load_file(str(ckpt / "ema.safetensors"))
+            if set(saved_ema) == set(ema):
+                for name, t in ema.items():
+                    t.copy_(saved_ema[name])
+                state["ema_restored"] = True
         opt_meta = json.loads((ckpt / "optimizer.json").read_text(encoding="utf-8"))
         optimizer.load_state_dict(_optimizer_from_safe(load_file(str(ckpt / "optimizer.safetensors")), opt_meta))
         lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -109,6 +109,10 @@ class TrainCfg(_Section):
     gradient_checkpointing: bool = False
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma weighting (5.0 is typical)")
     noise_offset: float = Field(0.0, ge=0)
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="EMA of the adapter weights with this decay (e.g. 0.999); null = off"
+    )
+    ema_every: int = Field(1, gt=0, description="fold the weights into the EMA every N optimizer steps")
     cache: Literal["auto"] | bool = Field(
         "auto", description="cache VAE latents + text embeddings on disk; auto = unless random crops/tag shuffling"
     )
@@ -135,6 +139,7 @@ class CheckpointCfg(_Section):
 
 class ValidationCfg(_Section):
     prompts: list[str] = Field(default_factory=list)
+    use_ema: bool = Field(False, description="generate validation images with the EMA weights (needs train.ema_decay)")
     every: int = Field(500, gt=0)
     num_images: int = Field(4, gt=0)
     seed: int = 0
@@ -145,6 +150,11 @@ class ValidationCfg(_Section):
 class OutputCfg(_Section):
     dir: str | None = Field(None, description="run directory; null -> runs/<config file stem>")
     overwrite: bool = False
+    export_ema: Literal["extra", "replace"] = Field(
+        "extra",
+        description="with train.ema_decay: extra = also write pytorch_lora_weights_ema.safetensors; "
+        "replace = the EMA weights are the final adapter",
+    )
     report: bool = Field(True, description="write report.html (curves, samples, LoRA-scale sweep) at the end")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
 
@@ -175,6 +185,12 @@ class Config(_Section):
             # diffusers' "constant" schedule silently ignores num_warmup_steps.
             found.append((f"train.warmup_steps={t.warmup_steps} has no effect with train.lr_scheduler=constant",
                           "use lr_scheduler=constant_with_warmup (or another schedule) or set warmup_steps=0"))
+        if t.ema_decay is None and self.validation.use_ema:
+            found.append(("validation.use_ema=true but train.ema_decay is null (no EMA is kept)",
+                          "set train.ema_decay (e.g. 0.999) or validation.use_ema=false"))
+        if t.ema_decay is None and self.output.export_ema == "replace":
+            found.append(("output.export_ema=replace but train.ema_decay is null (no EMA is kept)",
+                          "set train.ema_decay (e.g. 0.999) or output.export_ema=extra"))
         return found
 
     def dump(self) -> dict:

@@ -6,6 +6,7 @@ calls, ``train()`` reads top to bottom, and nothing in it knows a file format.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -38,6 +39,7 @@ from loracraft.train.data import (
     make_batches,
     make_buckets,
 )
+from loracraft.train.ema import AdapterEMA
 from loracraft.train.lora import inject_lora, unet_lora_state_dict
 from loracraft.train.loss import (
     diffusion_loss,
@@ -49,6 +51,7 @@ from loracraft.train.loss import (
 from loracraft.train.manifest import environment, git_commit, scrub, versions
 from loracraft.train.optim import build_optimizer, optimizer_problems
 
+EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"
 LOG_EVERY = 10  # host syncs for logging happen only this often
 
 
@@ -103,6 +106,7 @@ class LoraTrainer:
         self.trainables = self._setup_trainables()
         self.optimizer = self._setup_optimizer()
         self.lr_scheduler = self._setup_lr_scheduler()
+        self.ema = self._setup_ema()
         self.unet, self.optimizer = self.accelerator.prepare(self.c.unet, self.optimizer)
         self.step = self._setup_resume()
         self.batches = self._setup_batches()
@@ -256,6 +260,10 @@ class LoraTrainer:
             t.lr_scheduler, self.optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
         )
 
+    def _setup_ema(self) -> AdapterEMA | None:
+        t = self.cfg.train
+        return AdapterEMA(self.trainables, t.ema_decay, t.ema_every) if t.ema_decay is not None else None
+
     def _setup_resume(self) -> int:
         if self.resume_from is None:
             return 0
@@ -274,7 +282,11 @@ class LoraTrainer:
             self.lr_scheduler,
             rank=self.accelerator.process_index,
             scaler=self.accelerator.scaler,
+            ema=self.ema.shadow if self.ema else None,
         )
+        if self.ema and not state["ema_restored"]:
+            self._print("EMA not in the checkpoint (train.ema_decay was just enabled): starting it at the resumed weights")
+            self.ema.reset(self.trainables)
         self._print(f"resuming from {self.resume_from} (step {state['step']})")
         return int(state["step"])
 
@@ -452,6 +464,8 @@ class LoraTrainer:
             acc.clip_grad_norm_(list(self.trainables.values()), t.max_grad_norm)
         if bool(torch.isfinite(loss)):
             self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.trainables, self.step + 1)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
@@ -507,7 +521,8 @@ class LoraTrainer:
                 "samples_seen": self.step * t.grad_accum * t.batch_size * acc.num_processes,
             }
             ckpt.commit_checkpoint(
-                tmp, self.step, self.trainables, self.optimizer.optimizer, self.lr_scheduler, state, acc.scaler
+                tmp, self.step, self.trainables, self.optimizer.optimizer, self.lr_scheduler, state, acc.scaler,
+                ema=self.ema.shadow if self.ema else None,
             )
             ckpt.prune_checkpoints(root, self.cfg.checkpoint.keep)
         acc.wait_for_everyone()
@@ -528,7 +543,8 @@ class LoraTrainer:
         if acc.is_main_process:
             from diffusers.utils import make_image_grid
 
-            images = self._generate(v.prompts, v.num_images)
+            with self._ema_weights(v.use_ema):
+                images = self._generate(v.prompts, v.num_images)
             path = self.run_dir / "samples" / f"step-{self.step:06d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             make_image_grid(images, rows=len(v.prompts), cols=v.num_images).save(path)
@@ -564,11 +580,13 @@ class LoraTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         out = self.run_dir / LORA_WEIGHT_NAME
-        state = unet_lora_state_dict(acc.unwrap_model(self.unet))
+        states = self._final_states()
+        state = states[LORA_WEIGHT_NAME]
         # Every rank's hash goes into the manifest: DDP replicas must hold identical weights.
         rank_hashes = gather_object([tensors_sha256(state)])
         if acc.is_main_process:
-            save_diffusers_lora(out, state, self.lora_config.to_dict(), self._adapter_metadata())
+            for name, st in states.items():
+                save_diffusers_lora(self.run_dir / name, st, self.lora_config.to_dict(), self._adapter_metadata())
             self._write_manifest(status="complete", weights_sha256=rank_hashes[0], rank_weights_sha256=rank_hashes)
             self._print(f"adapter written to {out}")
             if self.cfg.output.report:
@@ -577,6 +595,22 @@ class LoraTrainer:
                 self._print(f"report written to {write_report(self.run_dir)}")
         acc.end_training()
         return out
+
+    def _ema_weights(self, use: bool = True):
+        """Context: the model holds the EMA weights inside (if EMA is on and ``use``), its own after."""
+        return self.ema.applied(self.trainables) if (self.ema and use) else contextlib.nullcontext()
+
+    def _final_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """File name -> adapter state: the trained weights, and the EMA's (output.export_ema)."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        states = {LORA_WEIGHT_NAME: unet_lora_state_dict(unet)}
+        if self.ema:
+            with self._ema_weights():
+                # clone: the state dict shares storage with the parameters, restored on exit
+                ema_state = {k: v.clone() for k, v in unet_lora_state_dict(unet).items()}
+            name = LORA_WEIGHT_NAME if self.cfg.output.export_ema == "replace" else EMA_WEIGHT_NAME
+            states[name] = ema_state
+        return states
 
     def _adapter_metadata(self) -> dict[str, str]:
         cfg = self.cfg
