@@ -186,6 +186,13 @@ def check_fit(pipe, adapter: LoraAdapter, where: str = "adapter") -> dict[str, d
                     f"take LoRA here), {where}, use an adapter trained on attention/projection layers"
                 )
             weight, want_down, want_up = shapes
+            # (out,) for Linear, (1, out, 1, 1) for Conv2d in PEFT
+            if mod.magnitude is not None and mod.magnitude.numel() != want_up[0]:
+                raise AdapterError(
+                    f"adapter does not fit the base: module {component}.{mpath} has {want_up[0]} output channels "
+                    f"but the adapter's DoRA magnitude is {_fmt(mod.magnitude.shape)}, {where}, it was made for a "
+                    "different base architecture; use the base it was trained on"
+                )
             got_down, got_up = tuple(mod.down.shape), tuple(mod.up.shape)
             if got_down != want_down or got_up != want_up:
                 implied = (
@@ -246,6 +253,8 @@ def _inject(pipe, adapter: LoraAdapter, mapping: dict[str, dict[str, str]], name
             mpath = paths[path]
             state[f"{component}.{mpath}.lora_A.weight"] = mod.down.to(param.dtype)
             state[f"{component}.{mpath}.lora_B.weight"] = mod.up.to(param.dtype)
+            if mod.magnitude is not None:
+                state[f"{component}.{mpath}.lora_magnitude_vector"] = mod.magnitude.to(param.dtype)
         config = build_lora_config(mods, paths=paths)
         metadata = {f"{component}.{k}": v for k, v in config.items()}
         if component == "unet":

@@ -70,6 +70,8 @@ class LoraModule:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    #: DoRA (Liu et al. 2024) per-output-channel magnitude, PEFT's ``lora_magnitude_vector``.
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -116,6 +118,8 @@ class LoraAdapter:
             tensors[f"{component}.{name}.down"] = mod.down
             tensors[f"{component}.{name}.up"] = mod.up
             tensors[f"{component}.{name}.alpha"] = torch.tensor([float(mod.alpha)], dtype=torch.float64)
+            if mod.magnitude is not None:
+                tensors[f"{component}.{name}.magnitude"] = mod.magnitude
         return tensors_sha256(tensors)
 
 
@@ -252,8 +256,8 @@ def detect_format(keys, where: str = "state dict") -> str:
 
 
 def _unsupported(key: str, where: str) -> AdapterError | None:
-    if "dora_scale" in key or "lora_magnitude_vector" in key:
-        kind = "DoRA"
+    if "dora_scale" in key:
+        kind = "LyCORIS DoRA (dora_scale)"
     elif any(t in key for t in ("hada_", "lokr_", ".oft_", ".lora_mid.")) or key.endswith(
         (".diff", ".diff_b", ".w_norm", ".b_norm")
     ):
@@ -307,9 +311,12 @@ def _split_component(key: str) -> tuple[str, str]:
 
 
 def _parse_diffusers_key(rest: str, component: str) -> tuple[str, str] | None:
-    """``(module path, "down"|"up"|"alpha")`` for one key without its component prefix."""
+    """``(module path, "down"|"up"|"alpha"|"magnitude")`` for one key without its component prefix."""
     if rest.endswith(".alpha"):
         return rest[: -len(".alpha")], "alpha"
+    bare = rest.removesuffix(".weight")
+    if bare.endswith(".lora_magnitude_vector"):
+        return bare[: -len(".lora_magnitude_vector")], "magnitude"
     for pattern, ab_map in _DIFFUSERS_KEY_PATTERNS:
         m = pattern.match(rest)
         if m:
@@ -416,8 +423,22 @@ def parse_diffusers_state(
                     module.removeprefix("text_model.") if component.startswith("text_encoder") else module
                 )
                 alpha = _effective_alpha(config, lookup, rank) if config else rank
-            modules.setdefault(component, {})[module] = LoraModule(p["down"], p["up"], alpha)
+            modules.setdefault(component, {})[module] = LoraModule(
+                p["down"], p["up"], alpha, p.get("magnitude")
+            )
+        _check_dora_uniform(modules.get(component, {}), component, where)
     return LoraAdapter(modules, configs=configs, metadata=header, source_format="diffusers")
+
+
+def _check_dora_uniform(mods: dict[str, LoraModule], component: str, where: str) -> None:
+    """PEFT's ``use_dora`` is per config, so a component is all DoRA or not at all."""
+    with_mag = [name for name, m in mods.items() if m.magnitude is not None]
+    if with_mag and len(with_mag) != len(mods):
+        missing = next(name for name, m in mods.items() if m.magnitude is None)
+        raise AdapterError(
+            f"adapter mixes DoRA and plain LoRA modules in {component} (e.g. {missing} has no magnitude), "
+            f"{where}, re-export it"
+        )
 
 
 # -- kohya / A1111 ----------------------------------------------------------------------------
@@ -551,7 +572,7 @@ def build_lora_config(modules: dict[str, LoraModule], paths: dict[str, str] | No
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": any(m.magnitude is not None for m in named.values()),
         "lora_bias": False,
         "init_lora_weights": True,
     }
@@ -559,7 +580,7 @@ def build_lora_config(modules: dict[str, LoraModule], paths: dict[str, str] | No
 
 def config_describes(config: dict, modules: dict[str, LoraModule], te: bool = False) -> bool:
     """True if ``config`` assigns every module exactly its rank and alpha (so it may be kept)."""
-    if not config or config.get("use_dora"):
+    if not config or bool(config.get("use_dora")) != any(m.magnitude is not None for m in modules.values()):
         return False
     for path, mod in modules.items():
         lookup = path.removeprefix("text_model.") if te else path
@@ -579,6 +600,9 @@ def component_config(adapter: LoraAdapter, component: str) -> dict:
 
 
 def _peft_key(component: str, module: str, kind: str) -> str:
+    """PEFT's spelling, as ``get_peft_model_state_dict`` names the parameters (adapter name removed)."""
+    if kind == "magnitude":
+        return f"{component}.{module}.lora_magnitude_vector"
     return f"{component}.{module}.lora_{'A' if kind == 'down' else 'B'}.weight"
 
 
@@ -594,6 +618,8 @@ def to_diffusers_state(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], d
         for path, mod in mods.items():
             tensors[_peft_key(component, path, "down")] = mod.down
             tensors[_peft_key(component, path, "up")] = mod.up
+            if mod.magnitude is not None:
+                tensors[_peft_key(component, path, "magnitude")] = mod.magnitude
         config = _jsonable_lora_config(component_config(adapter, component))
         adapter_meta.update({f"{component}.{k}": v for k, v in config.items()})
     metadata = {"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}}
@@ -643,6 +669,12 @@ def to_kohya_state(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[
     The source ``LoraConfig`` is kept under :data:`KOHYA_CONFIG_KEY` (kohya tools ignore unknown
     keys), so converting back restores it verbatim.
     """
+    dora = next((f"{c}.{n}" for c, n, m in adapter.items() if m.magnitude is not None), None)
+    if dora:
+        raise AdapterError(
+            f"DoRA adapters have no kohya/A1111 LoRA form (module {dora} has a magnitude vector), "
+            f"{adapter.path or 'adapter'}, keep the diffusers file (plain diffusers and loracraft load it)"
+        )
     prefixes = _kohya_prefixes(adapter)
     tensors: dict[str, torch.Tensor] = {}
     adapter_meta: dict[str, object] = {}

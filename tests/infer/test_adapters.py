@@ -15,6 +15,7 @@ from loracraft.infer.generate import generate
 from loracraft.infer.models import load_base
 
 STEPS = 2
+PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def pipe(tiny_sd):
     return load_base(tiny_sd)
 
 
-def image(pipe, seed: int = 0, prompt: str = "a red circle on a blue background") -> np.ndarray:
+def image(pipe, seed: int = 0, prompt: str = PROMPT) -> np.ndarray:
     return np.asarray(generate(pipe, prompt, seed=seed, steps=STEPS)[0].image).astype(np.int16)
 
 
@@ -234,3 +235,59 @@ def test_attention_plus_projection_adapter_loads_fully_in_plain_diffusers(pipe, 
     A.unload(pipe)
     pipe.load_lora_weights(str(path.parent), weight_name=LORA_WEIGHT_NAME, adapter_name="plain")
     assert max_diff(image(pipe), ours) <= 2
+
+
+@pytest.fixture(scope="module")
+def dora(tiny_sd, tmp_path_factory):
+    """A DoRA adapter (Linear and Conv2d targets) saved like the trainer does, plus the UNet it came from."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from loracraft.infer.formats import save_diffusers_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "proj_in"], use_dora=True)
+    unet.add_adapter(config)
+    g = torch.Generator().manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+        if "lora_magnitude_vector" in name:
+            p.data = p.data * (1 + 0.3 * torch.rand(p.shape, generator=g))
+    out = tmp_path_factory.mktemp("dora") / LORA_WEIGHT_NAME
+    save_diffusers_lora(
+        out, convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)), config.to_dict()
+    )
+    return out, unet
+
+
+def test_dora_adapter_loads_exactly_and_in_plain_diffusers(pipe, tiny_sd, dora, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    path, trained_unet = dora
+    reference = StableDiffusionPipeline.from_pretrained(tiny_sd, unet=trained_unet)
+    reference.set_progress_bar_config(disable=True)
+    in_memory = np.asarray(
+        reference(
+            PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), height=32, width=32
+        ).images[0]
+    ).astype(np.int16)
+    base = image(pipe)
+    A.load_adapter(pipe, path)
+    ours = image(pipe)
+    assert np.array_equal(ours, in_memory) and max_diff(ours, base) > 5
+    A.fuse(pipe)
+    assert max_diff(image(pipe), ours) <= 2
+    A.unload(pipe)
+    assert np.array_equal(image(pipe), base)
+    pipe.load_lora_weights(str(path.parent), weight_name=LORA_WEIGHT_NAME, adapter_name="plain")
+    assert max_diff(image(pipe), ours) <= 2
+    pipe.unload_lora_weights()
+    # diffusers -> diffusers keeps the magnitudes; kohya has no DoRA form and says so
+    copy = write_lora(read_lora(path), tmp_path / "copy.safetensors")
+    assert read_lora(copy).tensors_sha256() == read_lora(path).tensors_sha256()
+    with pytest.raises(AdapterError) as e:
+        write_lora(read_lora(path), tmp_path / "k.safetensors", to="kohya")
+    assert "DoRA adapters have no kohya" in one_line(e)

@@ -201,7 +201,6 @@ def test_all_diffusers_spellings_parse_to_the_same_module():
     [
         ("lora_unet_a_to_q.dora_scale", "DoRA"),
         ("lora_unet_a_to_q.hada_w1_a", "LyCORIS"),
-        ("unet.a.to_q.lora_magnitude_vector", "DoRA"),
     ],
 )
 def test_unsupported_adapter_kinds_are_named(tmp_path, key, kind):
