@@ -44,6 +44,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -697,6 +698,7 @@ class VariantServer:
                 start_rss = _maxrss_mb()
                 torch.set_num_threads(self.spec.threads)
                 work = Path(self.spec.work_dir) / self.variant
+                shutil.rmtree(work, ignore_errors=True)  # a cold cache and a fresh run every time
                 work.mkdir(parents=True, exist_ok=True)
                 self.runner = VARIANTS[self.variant].make(self.spec, work)
                 t0 = time.perf_counter()
@@ -995,8 +997,6 @@ def measure_model(
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Measure every model of ``cfg``; returns the JSON-able results (see ``format_report``)."""
-    import shutil
-
     for key, value in (
         ("HF_HUB_OFFLINE", "1"),
         ("HF_DATASETS_OFFLINE", "1"),
