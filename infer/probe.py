@@ -101,16 +101,23 @@ def probe_image(image) -> ProbeResult:
         return ProbeResult(None, None, _NAMES[bg])
     fg = int(np.bincount(votes, minlength=len(_NAMES)).argmax())
     mask = _largest_component(dist[:, :, fg] < dist[:, :, bg])
-    ys, xs = np.nonzero(mask)
-    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
     # Soft occupancy: 1 at the shape colour, 0 at the background, linear in between.
     d_fg, d_bg = dist[:, :, fg], dist[:, :, bg]
     soft = np.clip(d_bg / (d_fg + d_bg + 1e-6), 0, 1) * mask
     soft = np.clip((soft - 0.5) * 2 + 0.5, 0, 1) * mask
+    # Anti-aliased edges make the bounding box uncertain by a pixel: try the box of every
+    # pixel leaning to the shape colour and the box of the mostly covered pixels.
+    boxes = set()
+    for m in (mask, soft > 0.75):
+        ys, xs = np.nonzero(m if m.any() else mask)
+        boxes.add((int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())))
 
     def iou(shape: str) -> float:
-        t = _template(shape, box, h, w)
-        return float(np.minimum(t, soft).sum() / (np.maximum(t, soft).sum() + 1e-6))
+        best = 0.0
+        for box in boxes:
+            t = _template(shape, box, h, w)
+            best = max(best, float(np.minimum(t, soft).sum() / (np.maximum(t, soft).sum() + 1e-6)))
+        return best
 
     shape = max(SHAPES, key=iou)
     return ProbeResult(shape, _NAMES[fg], _NAMES[bg])
