@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import html
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -177,9 +178,22 @@ def status_markdown(st: B.RunStatus) -> str:
     return text
 
 
-def _plots(metrics: list[dict]):
-    df = pd.DataFrame(metrics, columns=["step", "loss", "lr"])
-    return df[["step", "loss"]], df[["step", "lr"]]
+_PLOT_LOCK = threading.Lock()  # pyplot is not thread-safe; Gradio runs callbacks in threads
+NO_CURVES = (
+    "<p class='hint'>Loss and learning-rate curves appear here once the run logs its first "
+    "metrics (every 10 steps and at each checkpoint).</p>"
+)
+
+
+def curves_html(metrics: list[dict]) -> str:
+    """The run's loss (raw + smoothed) and LR curves: the same figure as report.html."""
+    from loracraft.train.report import curves_png
+
+    if not metrics:
+        return NO_CURVES
+    with _PLOT_LOCK:
+        uri = curves_png(metrics)
+    return f'<img src="{uri}" alt="training loss and learning rate" style="max-width:100%">'
 
 
 # ============================================================================ Generate tab
@@ -353,22 +367,9 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
                     )
                     tr_resume = gr.Button("⟳ Resume", interactive=False, elem_id="train-resume")
                 tr_status = gr.Markdown("Enter a run name to see its progress.", elem_id="train-status")
-                with gr.Row():
-                    # No height= on line plots: with it, gradio 6.31 draws y as categories (a label per value).
-                    tr_loss = gr.LinePlot(
-                        value=_plots([])[0],
-                        x="step",
-                        y="loss",
-                        title="Training loss",
-                        elem_id="train-loss",
-                    )
-                    tr_lr = gr.LinePlot(
-                        value=_plots([])[1],
-                        x="step",
-                        y="lr",
-                        title="Learning rate",
-                        elem_id="train-lr",
-                    )
+                # A matplotlib image (report.py's figure), not gr.LinePlot: in gradio 6.31 LinePlot draws
+                # a constant series (e.g. a constant LR) squashed, and with height= draws y as categories.
+                tr_curves = gr.HTML(NO_CURVES, elem_id="train-curves")
                 tr_samples = gr.Gallery(
                     label="Validation images (newest first; one row per prompt)",
                     columns=4,
@@ -389,7 +390,7 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
                         autoscroll=True,
                     )
                 tr_sig = gr.State(None)
-                timer = gr.Timer(1.5)
+                timer = gr.Timer(1.0)
 
             # ---------------------------------------------------------------- Runs
             with gr.Tab("3 · Runs", id="runs"):
@@ -448,7 +449,8 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
                         for i in range(1, ADAPTER_SLOTS + 1):
                             with gr.Row():
                                 path = gr.Textbox(
-                                    label=f"Adapter {i} (file or run folder{', optional' if i > 1 else ''})",
+                                    label=f"Adapter {i} (file or run folder, optional)",
+                                    value="",  # a value makes the argument optional for API clients
                                     scale=3,
                                     elem_id=f"gen-lora-{i}",
                                 )
@@ -463,7 +465,7 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
                                 )
                             slots += [path, scale]
                         gn_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
-                        gn_negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+                        gn_negative = gr.Textbox(label="Negative prompt", value="", elem_id="gen-negative")
                         with gr.Row():
                             gn_seed = gr.Number(
                                 label="Seed (-1 = random)", value=0, precision=0, elem_id="gen-seed"
@@ -599,6 +601,8 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
             [tr_yaml, tr_name, tr_base, tr_data, *knob_list],
             [tr_yaml, tr_yaml_msg],
             show_progress="hidden",
+            # one event per keystroke: "always_last" makes sure the final value lands ("once" drops it)
+            trigger_mode="always_last",
             **INTERNAL,
         )
 
@@ -665,16 +669,7 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
             try:
                 st = runs.status(name)
             except UsageError:
-                return (
-                    "Enter a run name to see its progress.",
-                    gr.skip(),
-                    gr.skip(),
-                    gr.skip(),
-                    gr.skip(),
-                    gr.skip(),
-                    gr.skip(),
-                    None,
-                )
+                return ("Enter a run name to see its progress.", *[gr.skip()] * 5, None)
             samples = list(reversed(st.samples))
             can_resume = (
                 st.state in ("stopped", "failed", "interrupted") and runs.config_text(st.name) is not None
@@ -682,13 +677,11 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
             sig = (st.name, len(st.metrics), [str(s) for s in samples], st.state, can_resume)
             md = status_markdown(st)
             if sig == last:
-                return md, gr.skip(), gr.skip(), gr.skip(), st.log_tail, gr.skip(), gr.skip(), last
-            loss, lr = _plots(st.metrics)
+                return md, gr.skip(), gr.skip(), st.log_tail, gr.skip(), gr.skip(), last
             gallery = [(str(p), f"step {int(p.stem.split('-')[-1])}") for p in samples]
             return (
                 md,
-                loss,
-                lr,
+                curves_html(st.metrics),
                 gallery,
                 st.log_tail,
                 gr.Button(interactive=st.active),
@@ -699,7 +692,7 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
         timer.tick(
             refresh,
             [tr_name, tr_sig],
-            [tr_status, tr_loss, tr_lr, tr_samples, tr_log, tr_stop, tr_resume, tr_sig],
+            [tr_status, tr_curves, tr_samples, tr_log, tr_stop, tr_resume, tr_sig],
             show_progress="hidden",
             **INTERNAL,
         )

@@ -115,7 +115,9 @@ def schema_defaults() -> dict:
     """Every key at its schema default (the required keys filled with placeholders)."""
     from loracraft.train.config import Config
 
-    return Config.model_validate({"model": {"base": ""}, "data": {"path": ""}}).dump()
+    defaults = Config.model_validate({"model": {"base": ""}, "data": {"path": ""}}).dump()
+    defaults["model"]["base"] = defaults["data"]["path"] = None
+    return defaults
 
 
 def read_fields(text: str) -> dict[str, Any]:
