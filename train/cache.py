@@ -138,6 +138,9 @@ def cache_plan(cfg, sizes: list[tuple[int, int]], targets: list[tuple[int, int]]
     if text and d.shuffle_tags:
         notes.append("text-embedding cache off: data.shuffle_tags changes captions every step")
         text = False
+    if text and cfg.lora.text_encoder is not None:
+        notes.append("text-embedding cache off: the text encoder trains (lora.text_encoder)")
+        text = False
     root = Path(t.cache_dir) if t.cache_dir else default_cache_dir()
     flips = (False, True) if d.random_flip else (False,)
     return CachePlan(latents, text, notes, root, flips)

@@ -67,6 +67,17 @@ class DataCfg(_Section):
         return v
 
 
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class TextEncoderLoraCfg(_Section):
+    rank: int = Field(4, gt=0, description="text-encoder LoRA rank")
+    alpha: float = Field(4, gt=0, description="text-encoder LoRA alpha (scale alpha/rank)")
+    targets: list[str] = Field(
+        default_factory=lambda: list(TEXT_ENCODER_TARGETS), description="CLIP module names (attention by default)"
+    )
+
+
 class LoraCfg(_Section):
     rank: int = Field(4, gt=0)
     alpha: float = Field(4, gt=0)
@@ -75,6 +86,28 @@ class LoraCfg(_Section):
     init: Literal["gaussian", "default", "pissa", "olora", "loftq"] = Field(
         "gaussian", description="peft init_lora_weights; default = kaiming (peft's True)"
     )
+    type: Literal["lora", "loha", "lokr"] = Field(
+        "lora", description="adapter type; only lora is supported (loha/lokr are refused with an error)"
+    )
+    use_dora: bool = Field(
+        False, description="DoRA (weight-decomposed LoRA, peft); loads in plain diffusers, not in kohya/A1111 format"
+    )
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale alpha/sqrt(rank) instead of alpha/rank")
+    text_encoder: TextEncoderLoraCfg | None = Field(
+        None,
+        description="also train a LoRA on the text encoder, e.g. {rank: 4, alpha: 4}; null = UNet only. "
+        "Shares dropout/init/use_dora/use_rslora with the UNet adapter; turns the text-embedding cache off",
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _only_lora(cls, v: str) -> str:
+        if v != "lora":
+            raise ValueError(
+                f"{v} adapters are not supported yet (LyCORIS via peft is planned); use lora.type=lora "
+                "(optionally with lora.use_dora=true)"
+            )
+        return v
 
     def target_modules(self) -> list[str]:
         if self.targets == "attn":
@@ -113,6 +146,12 @@ class TrainCfg(_Section):
         None, gt=0, lt=1, description="EMA of the adapter weights with this decay (e.g. 0.999); null = off"
     )
     ema_every: int = Field(1, gt=0, description="fold the weights into the EMA every N optimizer steps")
+    text_encoder_lr: float | None = Field(
+        None, gt=0, description="learning rate of the text-encoder LoRA (lora.text_encoder); null = train.lr"
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: lora_B learning rate = lr x this ratio (16 is the paper's value); null = off"
+    )
     cache: Literal["auto"] | bool = Field(
         "auto", description="cache VAE latents + text embeddings on disk; auto = unless random crops/tag shuffling"
     )
@@ -185,6 +224,12 @@ class Config(_Section):
             # diffusers' "constant" schedule silently ignores num_warmup_steps.
             found.append((f"train.warmup_steps={t.warmup_steps} has no effect with train.lr_scheduler=constant",
                           "use lr_scheduler=constant_with_warmup (or another schedule) or set warmup_steps=0"))
+        if t.text_encoder_lr is not None and self.lora.text_encoder is None:
+            found.append(("train.text_encoder_lr is set but lora.text_encoder is null (the text encoder is frozen)",
+                          "set lora.text_encoder (e.g. {rank: 4, alpha: 4}) or remove train.text_encoder_lr"))
+        if t.cache is True and self.lora.text_encoder is not None:
+            found.append(("train.cache=true but the text encoder trains (lora.text_encoder), so its embeddings "
+                          "change every step", "set train.cache=auto (latents are still cached)"))
         if t.ema_decay is None and self.validation.use_ema:
             found.append(("validation.use_ema=true but train.ema_decay is null (no EMA is kept)",
                           "set train.ema_decay (e.g. 0.999) or validation.use_ema=false"))

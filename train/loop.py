@@ -40,7 +40,7 @@ from loracraft.train.data import (
     make_buckets,
 )
 from loracraft.train.ema import AdapterEMA
-from loracraft.train.lora import inject_lora, unet_lora_state_dict
+from loracraft.train.lora import inject_lora, inject_text_encoder_lora, unet_lora_state_dict
 from loracraft.train.loss import (
     diffusion_loss,
     min_snr_weights,
@@ -49,7 +49,7 @@ from loracraft.train.loss import (
     training_target,
 )
 from loracraft.train.manifest import environment, git_commit, scrub, versions
-from loracraft.train.optim import build_optimizer, optimizer_problems
+from loracraft.train.optim import build_optimizer, optimizer_problems, param_groups
 
 EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"
 LOG_EVERY = 10  # host syncs for logging happen only this often
@@ -103,11 +103,12 @@ class LoraTrainer:
         self.planner = self._setup_planner()
         self.sources = self._setup_cache()
         self.lora_config = inject_lora(self.c.unet, self.cfg.lora)
+        self.te_lora_config = inject_text_encoder_lora(self.c.text_encoder, self.cfg.lora)
         self.trainables = self._setup_trainables()
         self.optimizer = self._setup_optimizer()
         self.lr_scheduler = self._setup_lr_scheduler()
         self.ema = self._setup_ema()
-        self.unet, self.optimizer = self.accelerator.prepare(self.c.unet, self.optimizer)
+        self.unet, self.text_encoder, self.optimizer = self._prepare()
         self.step = self._setup_resume()
         self.batches = self._setup_batches()
         self._setup_logging()
@@ -240,7 +241,11 @@ class LoraTrainer:
         return c
 
     def _setup_trainables(self) -> dict[str, torch.nn.Parameter]:
+        """Name -> LoRA parameter; text-encoder ones are prefixed ``text_encoder.``."""
         trainables = {n: p for n, p in self.c.unet.named_parameters() if p.requires_grad}
+        trainables.update(
+            {f"text_encoder.{n}": p for n, p in self.c.text_encoder.named_parameters() if p.requires_grad}
+        )
         for p in trainables.values():
             p.data = p.data.float()  # LoRA weights in fp32 even under mixed precision
         return trainables
@@ -250,7 +255,16 @@ class LoraTrainer:
         lr = t.lr * (t.batch_size * acc.num_processes * t.grad_accum if t.scale_lr else 1)
         if t.scale_lr:
             self._print(f"train.scale_lr: learning rate {t.lr:g} x effective batch = {lr:g}")
-        return build_optimizer(t, list(self.trainables.values()), lr)
+        te_lr = t.text_encoder_lr * lr / t.lr if t.text_encoder_lr else None  # scale_lr applies to both
+        return build_optimizer(t, param_groups(self.trainables, lr, t.loraplus_lr_ratio, te_lr), lr)
+
+    def _prepare(self):
+        """accelerate-wrap the trained models (DDP refuses a model with nothing to train)."""
+        acc = self.accelerator
+        if self.te_lora_config is None:
+            unet, optimizer = acc.prepare(self.c.unet, self.optimizer)
+            return unet, self.c.text_encoder, optimizer
+        return acc.prepare(self.c.unet, self.c.text_encoder, self.optimizer)
 
     def _setup_lr_scheduler(self):
         from diffusers.optimization import get_scheduler
@@ -395,7 +409,7 @@ class LoraTrainer:
         device = self.accelerator.device
         with torch.no_grad():
             latents = self._latents(batch, positions)
-            text = self._text(batch)
+        text = self._text(batch)  # with grad: the text encoder may carry a LoRA (lora.text_encoder)
         noise, timesteps = sample_noise_and_timesteps(
             tuple(latents.shape[1:]), positions, t.seed, c.noise_scheduler.config.num_train_timesteps, t.noise_offset
         )
@@ -427,7 +441,9 @@ class LoraTrainer:
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
         tok = self.c.tokenizer
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        return self.c.text_encoder(ids.input_ids.to(self.accelerator.device))[0]
+        # Before setup() prepares it (cache building), the plain module; afterwards the prepared one.
+        text_encoder = getattr(self, "text_encoder", self.c.text_encoder)
+        return text_encoder(ids.input_ids.to(self.accelerator.device))[0]
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -455,7 +471,7 @@ class LoraTrainer:
         total = torch.zeros((), device=acc.device)
         for _ in range(t.grad_accum):
             batch = next(self.batches)
-            with acc.accumulate(self.unet):
+            with acc.accumulate(self.unet, self.text_encoder):
                 total += self.train_step(batch)
         loss = total / t.grad_accum
         if not bool(torch.isfinite(acc.reduce(loss, reduction="sum"))):
@@ -581,12 +597,15 @@ class LoraTrainer:
         acc.wait_for_everyone()
         out = self.run_dir / LORA_WEIGHT_NAME
         states = self._final_states()
-        state = states[LORA_WEIGHT_NAME]
         # Every rank's hash goes into the manifest: DDP replicas must hold identical weights.
-        rank_hashes = gather_object([tensors_sha256(state)])
+        rank_hashes = gather_object([tensors_sha256(_flat_state(*states[LORA_WEIGHT_NAME]))])
         if acc.is_main_process:
-            for name, st in states.items():
-                save_diffusers_lora(self.run_dir / name, st, self.lora_config.to_dict(), self._adapter_metadata())
+            te_config = self.te_lora_config.to_dict() if self.te_lora_config else None
+            for name, (unet_state, te_state) in states.items():
+                save_diffusers_lora(
+                    self.run_dir / name, unet_state, self.lora_config.to_dict(), self._adapter_metadata(),
+                    text_encoder_state=te_state, text_encoder_lora_config=te_config,
+                )
             self._write_manifest(status="complete", weights_sha256=rank_hashes[0], rank_weights_sha256=rank_hashes)
             self._print(f"adapter written to {out}")
             if self.cfg.output.report:
@@ -600,17 +619,22 @@ class LoraTrainer:
         """Context: the model holds the EMA weights inside (if EMA is on and ``use``), its own after."""
         return self.ema.applied(self.trainables) if (self.ema and use) else contextlib.nullcontext()
 
-    def _final_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """File name -> adapter state: the trained weights, and the EMA's (output.export_ema)."""
-        unet = self.accelerator.unwrap_model(self.unet)
-        states = {LORA_WEIGHT_NAME: unet_lora_state_dict(unet)}
+    def _final_states(self) -> dict[str, tuple[dict, dict | None]]:
+        """File name -> (UNet, text-encoder) adapter states: the trained weights, and the EMA's
+        (output.export_ema)."""
+        states = {LORA_WEIGHT_NAME: self._adapter_states()}
         if self.ema:
             with self._ema_weights():
-                # clone: the state dict shares storage with the parameters, restored on exit
-                ema_state = {k: v.clone() for k, v in unet_lora_state_dict(unet).items()}
+                ema_states = self._adapter_states(copy=True)  # copies: the weights are restored on exit
             name = LORA_WEIGHT_NAME if self.cfg.output.export_ema == "replace" else EMA_WEIGHT_NAME
-            states[name] = ema_state
+            states[name] = ema_states
         return states
+
+    def _adapter_states(self, copy: bool = False) -> tuple[dict, dict | None]:
+        unwrap = self.accelerator.unwrap_model
+        models = [unwrap(self.unet)] + ([unwrap(self.text_encoder)] if self.te_lora_config else [])
+        states = [{k: v.clone() if copy else v for k, v in unet_lora_state_dict(m).items()} for m in models]
+        return states[0], (states[1] if len(states) > 1 else None)
 
     def _adapter_metadata(self) -> dict[str, str]:
         cfg = self.cfg
@@ -665,6 +689,13 @@ def _inference_scheduler(noise_scheduler):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(noise_scheduler.config)
+
+
+def _flat_state(unet_state: dict, te_state: dict | None) -> dict:
+    """One dict to hash; UNet-only adapters keep their historical (unprefixed) hash."""
+    if te_state is None:
+        return unet_state
+    return {**{f"unet.{k}": v for k, v in unet_state.items()}, **{f"text_encoder.{k}": v for k, v in te_state.items()}}
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

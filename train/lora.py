@@ -16,6 +16,8 @@ def lora_config(cfg_lora) -> LoraConfig:
         lora_dropout=cfg_lora.dropout,
         init_lora_weights=init,
         target_modules=cfg_lora.target_modules(),
+        use_dora=cfg_lora.use_dora,
+        use_rslora=cfg_lora.use_rslora,
     )
 
 
@@ -38,12 +40,39 @@ def inject_lora(unet: torch.nn.Module, cfg_lora) -> LoraConfig:
     return config
 
 
+def inject_text_encoder_lora(text_encoder: torch.nn.Module, cfg_lora) -> LoraConfig | None:
+    """A trainable LoRA on the (frozen) text encoder per ``lora.text_encoder``; None when it is off.
+
+    Dropout, init, DoRA and rsLoRA follow the UNet adapter's settings.
+    """
+    te = cfg_lora.text_encoder
+    if te is None:
+        return None
+    text_encoder.requires_grad_(False)
+    config = lora_config(cfg_lora)
+    config.r, config.lora_alpha, config.target_modules = te.rank, te.alpha, set(te.targets)
+    names = {n.rsplit(".", 1)[-1] for n, _ in text_encoder.named_modules()}
+    unknown = [t for t in te.targets if t not in names]
+    if unknown:
+        raise ConfigError(
+            f"lora.text_encoder.targets {unknown} match no text-encoder module, config, "
+            "use CLIP names like q_proj, k_proj, v_proj, out_proj, fc1, fc2"
+        )
+    # peft directly: transformers 5's ``add_adapter`` demands a newer peft than the UNet path needs.
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, text_encoder)
+    return config
+
+
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def unet_lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter in diffusers naming (what ``load_lora_weights`` expects after the 'unet.' prefix)."""
+    """The adapter in diffusers naming (what ``load_lora_weights`` expects after the 'unet.' prefix).
+
+    Works for any peft-injected model (the text encoder too)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 

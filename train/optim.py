@@ -47,6 +47,30 @@ def optimizer_problems(cfg_train) -> list[str]:
     return []
 
 
+def param_groups(
+    trainables: dict[str, torch.nn.Parameter],
+    lr: float,
+    loraplus_lr_ratio: float | None = None,
+    text_encoder_lr: float | None = None,
+) -> list[dict]:
+    """Torch param groups: LoRA+ gives ``lora_B`` matrices ``lr x ratio`` (Hayou et al. 2024,
+    arXiv:2402.12354); text-encoder parameters (names starting ``text_encoder.``) get their own lr.
+
+    The first group is always the UNet's base-lr group, so ``get_last_lr()[0]`` is ``train.lr``.
+    """
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in trainables.items():
+        te = name.startswith("text_encoder.")
+        b = loraplus_lr_ratio is not None and ".lora_B." in name
+        groups.setdefault((te, b), []).append(p)
+    out = []
+    for te, b in sorted(groups):  # (unet, A) first
+        group_lr = (text_encoder_lr if te and text_encoder_lr is not None else lr) * (loraplus_lr_ratio if b else 1)
+        name = ("text_encoder" if te else "unet") + ("_lora_B" if b else "")
+        out.append({"params": groups[(te, b)], "lr": group_lr, "name": name})
+    return out
+
+
 def build_optimizer(
     cfg_train, params_or_groups: Iterable[torch.nn.Parameter] | list[dict], effective_lr: float
 ) -> torch.optim.Optimizer:
@@ -85,4 +109,4 @@ def build_optimizer(
     raise ConfigError(f"unknown train.optimizer {name!r}, config, use one of {', '.join(OPTIMIZERS)}")
 
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "optimizer_problems"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "optimizer_problems", "param_groups"]
