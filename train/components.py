@@ -41,6 +41,7 @@ class Components:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    inference_scheduler: object = None
 
     @property
     def vae_factor(self) -> int:
@@ -64,6 +65,7 @@ def load_components(base: str, revision: str | None = None, variant: str | None 
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=variant, **kw)
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=variant, **kw)
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=variant, **kw)
+        inference_scheduler = _pipeline_scheduler(base, kw)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
@@ -73,7 +75,16 @@ def load_components(base: str, revision: str | None = None, variant: str | None 
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
         module.float()  # fp16-stored weights (e.g. the toy base) are upcast; see freeze_and_cast
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, inference_scheduler)
+
+
+def _pipeline_scheduler(base: str, kw: dict):
+    """The scheduler class the base ships for inference (PNDM for SD1.5), as validation uses it."""
+    import diffusers
+
+    config = diffusers.DDPMScheduler.load_config(base, subfolder="scheduler", **kw)
+    cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+    return cls.from_config(config)
 
 
 def freeze_and_cast(c: Components, weight_dtype: torch.dtype) -> None:

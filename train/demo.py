@@ -73,7 +73,7 @@ def demo_prompts() -> list[str]:
     return trig + ["a red circle on a white background in lcstyle style", "a red circle on a white background"]
 
 
-def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None) -> dict:
+def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, base: str | Path | None = None) -> dict:
     from loracraft.infer.testing import toy_base_path
     from loracraft.train.config import load_config
     from loracraft.train.evaluate import evaluate, format_eval
@@ -81,7 +81,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None) 
     from loracraft.train.report import write_report
 
     out = Path(out)
-    base = toy_base_path()
+    base = Path(base) if base else toy_base_path()
     data = write_demo_dataset(out / "data")
     run_dir = out / "run"
     recipe = files("loracraft.configs") / "demo.yaml"
@@ -104,8 +104,12 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None) 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps <= 0:
         raise UsageError(f"--steps must be positive (got {args.steps}), command line, pass e.g. --steps 200")
-    overrides = list(args.overrides) + ([f"train.max_steps={args.steps}"] if args.steps else [])
-    run_demo(args.out, overrides)
+    overrides = list(args.overrides)
+    if args.steps:
+        overrides.append(f"train.max_steps={args.steps}")
+        if not any(o.startswith("train.warmup_steps=") for o in overrides):
+            overrides.append(f"train.warmup_steps={min(30, args.steps // 10)}")  # recipe's warm-up, scaled
+    run_demo(args.out, overrides, args.base)
     return 0
 
 
@@ -118,4 +122,5 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted config overrides for configs/demo.yaml")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--steps", type=int, help="shortcut for train.max_steps=N")
+    p.add_argument("--base", help="another 32 px SD model folder instead of the bundled toy base")
     p.set_defaults(func=cmd_demo)

@@ -173,6 +173,7 @@ class LoraTrainer:
         new_cfg = self.cfg.training_relevant()
         if old is not None:
             diff = config_diff(normalize_training(old["config_training"]), new_cfg)
+            diff = self._check_process_change(old["config_training"], old.get("num_processes", 1), diff, warn=False)
             if old.get("dataset_fingerprint") != self.dataset_fingerprint:
                 diff.append("dataset contents changed (fingerprint differs)")
             if diff and self.cfg.output.overwrite:
@@ -283,7 +284,7 @@ class LoraTrainer:
             return 0
         state = ckpt.read_state(self.resume_from)
         diff = config_diff(normalize_training(state["config_training"]), self.cfg.training_relevant())
-        diff = self._check_process_change(state, diff)
+        diff = self._check_process_change(state["config_training"], state.get("num_processes", 1), diff)
         if diff and not self.cfg.checkpoint.allow_config_change:
             raise UsageError(
                 f"config differs from the checkpoint's, {self.resume_from}: {'; '.join(diff)}; "
@@ -334,22 +335,24 @@ class LoraTrainer:
         acc.wait_for_everyone()
         return sources
 
-    def _check_process_change(self, state: dict, diff: list[str]) -> list[str]:
+    def _check_process_change(self, old_training: dict, old_p: int, diff: list[str], warn: bool = True) -> list[str]:
         """A different process count is fine when the effective batch is unchanged: samples are
         keyed by global position, so every step sees the same samples with the same noise; only
         the order of the gradient all-reduce differs (not bit-identical, ~1e-7 relative)."""
         t, acc = self.cfg.train, self.accelerator
-        old_p = int(state.get("num_processes", 1))
-        old_eff = int(state.get("effective_batch", t.batch_size * old_p * t.grad_accum))
+        old_p = int(old_p)
+        old_t = old_training.get("train", {})
+        old_eff = int(old_t.get("batch_size", t.batch_size)) * old_p * int(old_t.get("grad_accum", t.grad_accum))
         new_eff = t.batch_size * acc.num_processes * t.grad_accum
         if old_p == acc.num_processes:
             return diff
         if old_eff == new_eff:
-            self._print(
-                f"warning: resuming a {old_p}-process run on {acc.num_processes} processes; same samples and "
-                "noise per step, but gradients are summed in a different order, so the result is "
-                "close to, not bit-identical with, an uninterrupted run"
-            )
+            if warn:
+                self._print(
+                    f"warning: resuming a {old_p}-process run on {acc.num_processes} processes; same samples "
+                    "and noise per step, but gradients are summed in a different order, so the result is "
+                    "close to, not bit-identical with, an uninterrupted run"
+                )
             return [d for d in diff if not d.startswith("train.batch_size:")]
         return diff + [
             f"effective batch: {old_eff} ({old_p} processes) -> {new_eff} ({acc.num_processes} processes); "
@@ -568,25 +571,23 @@ class LoraTrainer:
         return path
 
     def _generate(self, prompts: list[str], per_prompt: int) -> list:
+        """Validation images through ``loracraft.infer.generate`` (the code users generate with),
+        with the base's own inference scheduler and fixed seeds (prompt-major: seed, seed+1, ...)."""
         from diffusers import StableDiffusionPipeline
+
+        from loracraft.infer.generate import generate
 
         c, v = self.c, self.cfg.validation
         pipe = StableDiffusionPipeline(
             vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-            unet=self.accelerator.unwrap_model(self.unet),
-            scheduler=_inference_scheduler(c.noise_scheduler),
+            unet=self.accelerator.unwrap_model(self.unet), scheduler=c.inference_scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
-        images = []
         res = self.cfg.data.resolution
-        for prompt in prompts:
-            gens = [torch.Generator().manual_seed(v.seed + i) for i in range(per_prompt)]
-            images += pipe(
-                [prompt] * per_prompt, num_inference_steps=v.steps, guidance_scale=v.guidance,
-                generator=gens, height=res, width=res,
-            ).images
-        return images
+        out = generate(pipe, prompts, seed=v.seed, steps=v.steps, guidance=v.guidance,
+                       num_images_per_prompt=per_prompt, width=res, height=res)
+        return [g.image for g in out]
 
     # ------------------------------------------------------------------ finish
     def cleanup(self) -> Path:
@@ -682,13 +683,6 @@ class LoraTrainer:
     def _print(self, msg: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(f"loracraft: {msg}", file=sys.stderr)
-
-
-def _inference_scheduler(noise_scheduler):
-    """DDIM on the training noise schedule: deterministic, good in few steps."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(noise_scheduler.config)
 
 
 def _flat_state(unet_state: dict, te_state: dict | None) -> dict:

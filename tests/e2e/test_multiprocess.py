@@ -5,7 +5,6 @@ test uses torchrun, which the trainer supports directly (`python -m loracraft.tr
 """
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -35,8 +34,9 @@ def recipe(tmp_path_factory, tiny_sd):
 
 
 def _torchrun(recipe, out, *over, nproc=2, popen=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", "0", "-m", "loracraft.train", str(recipe), f"output.dir={out}", *over]
+    # --standalone: a private rendezvous on a free port (parallel test runs don't collide)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "loracraft.train", str(recipe), f"output.dir={out}", *over]
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -94,9 +94,9 @@ def test_killed_two_process_run_resumes_exactly(recipe, two_proc, tmp_path):
     while not first.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
-    import os
-
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, like a lost node
+    # the launcher and both ranks, like a lost node (torchrun starts each rank in its own
+    # session, so killing the launcher's process group would leave them running)
+    subprocess.run(["pkill", "-9", "-f", f"output.dir={run}"], check=False)
     proc.wait()
     assert not (run / "pytorch_lora_weights.safetensors").exists(), "finished before the kill"
     resumed = _torchrun(recipe, run, "train.batch_size=1")
