@@ -18,14 +18,15 @@ How:
 
 - every variant lives in its own process, forked from a *forkserver* that has imported the
   heavy libraries once (fast start, and a fork-safe parent that never ran a parallel op);
-  peak RSS is that process's ``getrusage(RUSAGE_SELF).ru_maxrss``, so variants cannot
-  contaminate each other's peak; the baseline every process starts from (the imports) is
-  reported beside it;
+  peak RSS is that process's ``getrusage(RUSAGE_SELF).ru_maxrss`` (plus the peak RSS of its
+  DataLoader workers, if it has any), so variants cannot contaminate each other's peak; the
+  baseline every process starts from (the imports) is reported beside it;
 - all variants of a model are set up first (one at a time), then driven in *rounds*: each
   round runs one timed window of ``window`` steps in every variant, in a rotated order, while
   the others sit idle on their pipe - so load from other work on the machine hits all of them
   alike; ``warmup`` steps per variant are run first and discarded; steps/s is the median
-  over the windows;
+  over the windows; CPU time per step (load-insensitive) and the median of per-round ratios
+  are reported as cross-checks of every speed ratio;
 - the one-time caching cost is timed around the trainer's cache fill when it exposes one
   (``_setup_cache``), otherwise as setup time of (b) minus setup time of (c).
 
@@ -241,6 +242,7 @@ class StepSettings:
     mixed_precision: str = "no"
     compile: bool = False
     channels_last: bool = False
+    gradient_checkpointing: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> StepSettings:
@@ -249,6 +251,7 @@ class StepSettings:
             mixed_precision=t.mixed_precision,
             compile=bool(getattr(t, "compile", False)),
             channels_last=bool(getattr(t, "channels_last", False)),
+            gradient_checkpointing=bool(t.gradient_checkpointing),
         )
 
     @property
@@ -275,6 +278,7 @@ def describe_unet(unet: torch.nn.Module) -> dict:
             conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
         ),
         "gradient_checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
+        "train_mode": base.training,
     }
 
 
@@ -436,6 +440,8 @@ class FloorRunner(Runner):
         unet.requires_grad_(False)
         if self.settings.weight_dtype != torch.float32:
             unet.to(dtype=self.settings.weight_dtype)
+        if self.settings.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         unet.add_adapter(
             LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian", target_modules=ATTN_TARGETS)
         )
@@ -444,7 +450,7 @@ class FloorRunner(Runner):
             p.data = p.data.float()
         if self.settings.channels_last:
             unet.to(memory_format=torch.channels_last)
-        unet.train()
+        unet.eval()  # as loracraft's frozen base (no dropout anywhere: the mode changes no work)
         self.unet = torch.compile(unet) if self.settings.compile else unet
         self.optimizer = torch.optim.AdamW(params, lr=s.lr)
         self.order: list[int] = []
@@ -685,12 +691,39 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _children_usage() -> tuple[float, float]:
+    """(RSS MB, CPU s) summed over this process's live descendants, e.g. DataLoader workers.
+
+    Neither ``ru_maxrss`` nor ``process_time`` sees them; a variant that moves work into
+    worker processes must not look cheaper for it. Summed RSS counts pages shared with the
+    parent once per process: a pessimistic figure for whoever uses workers. (psutil comes
+    with accelerate.)
+    """
+    import psutil
+
+    rss = cpu = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            rss += child.memory_info().rss
+            t = child.cpu_times()
+            cpu += t.user + t.system
+        except psutil.Error:
+            pass
+    return rss / 2**20, cpu
+
+
 class VariantServer:
     """Answers the commands of one variant: setup / run N steps / quit (timed inside the process)."""
 
     def __init__(self, variant: str, spec: BenchSpec):
         self.variant, self.spec = variant, spec
         self.runner: Runner | None = None
+        self.children_rss_mb = 0.0  # peak, sampled after setup and after every window
+
+    def _cpu_now(self) -> float:
+        rss, cpu = _children_usage()
+        self.children_rss_mb = max(self.children_rss_mb, rss)
+        return time.process_time() + cpu
 
     def handle(self, msg: dict) -> dict:
         try:
@@ -704,17 +737,20 @@ class VariantServer:
                 t0 = time.perf_counter()
                 extra = self.runner.setup()
                 setup_s = time.perf_counter() - t0
+                self._cpu_now()
                 return {"setup_s": setup_s, "start_rss_mb": start_rss, **extra, **self.runner.describe()}
             if msg["cmd"] == "run":
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0, c0 = time.perf_counter(), self._cpu_now()
                 loss = self.runner.run(msg["steps"])
-                return {
-                    "seconds": time.perf_counter() - t0,
-                    "cpu_seconds": time.process_time() - c0,
-                    "loss": loss,
-                }
+                seconds = time.perf_counter() - t0
+                return {"seconds": seconds, "cpu_seconds": self._cpu_now() - c0, "loss": loss}
             if msg["cmd"] == "quit":
-                return {"peak_rss_mb": _maxrss_mb()}
+                own = _maxrss_mb()
+                return {
+                    "peak_rss_mb": own + self.children_rss_mb,
+                    "own_peak_rss_mb": own,
+                    "children_peak_rss_mb": self.children_rss_mb,
+                }
             return {"error": f"unknown command {msg['cmd']!r}"}
         except Exception:
             return {"error": traceback.format_exc()}
@@ -846,15 +882,16 @@ def _summarize(
         "steps_per_s": steps_per_s,
         "samples_per_s": steps_per_s * spec.batch_size * v.processes,
         "ms_per_step": 1000.0 / steps_per_s,
-        # CPU time of the variant's process per step: much less sensitive to other load on the
-        # machine than wall time (with 1 thread it is the work itself; with more it includes
-        # OpenMP spin-waiting; DataLoader worker processes, if any, are not counted).
+        # CPU time of the variant's process (and its DataLoader workers, if any) per step: much
+        # less sensitive to other load on the machine than wall time (with 1 thread it is the
+        # work itself; with more it includes OpenMP spin-waiting).
         "cpu_ms_per_step": statistics.median(1000.0 * w["cpu_seconds"] / w["steps"] for w in windows),
         "window_steps_per_s": speeds,
         "setup_s": setup["setup_s"],
         "cache_s": setup.get("cache_s"),
         "start_rss_mb": setup["start_rss_mb"] if isolated else None,
         "peak_rss_mb": quit_["peak_rss_mb"] if isolated else None,
+        "children_peak_rss_mb": quit_["children_peak_rss_mb"] if isolated else None,
         "settings": setup["settings"],
         "deterministic_algorithms": setup.get("deterministic_algorithms", False),
         "lora_modules": setup["lora_modules"],
