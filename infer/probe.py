@@ -175,8 +175,6 @@ def probe_pipeline(
         chunk = prompts[start : start + batch_size]
         gens = [torch.Generator().manual_seed(seed + start + j) for j in range(len(chunk))]
         kwargs = {} if px is None else {"height": px, "width": px}
-        out = pipe(
-            chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, **kwargs
-        ).images
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, **kwargs).images
         images.extend(out)
     return probe_accuracy(images, prompts), images

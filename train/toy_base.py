@@ -42,7 +42,6 @@ from PIL import Image, ImageDraw
 from loracraft.infer.io import atomic_path, write_json_atomic, write_text_atomic
 from loracraft.infer.scenes import (
     COLOURS,
-    SHAPES,
     Scene,
     all_combinations,
     random_scene,
@@ -177,7 +176,11 @@ def _gradient(rng: random.Random, px: int) -> Image.Image:
 
 def _outlined_shapes(rng: random.Random, px: int, ss: int = 4) -> Image.Image:
     big = px * ss
-    bg = _stripes(rng, px).resize((big, big)) if rng.random() < 0.3 else Image.new("RGB", (big, big), _rand_colour(rng))
+    bg = (
+        _stripes(rng, px).resize((big, big))
+        if rng.random() < 0.3
+        else Image.new("RGB", (big, big), _rand_colour(rng))
+    )
     draw = ImageDraw.Draw(bg)
     for _ in range(rng.randint(1, 3)):
         s = random_scene(rng)
@@ -316,12 +319,21 @@ def train_vae(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
         sched.step()
         done = step + 1
         if done % 50 == 0:
-            _log(f"vae step {done}/{cfg.vae_steps} mse {mse.item():.5f} kl {kl.item():.3f} "
-                 f"({(time.time() - t_last) / 50:.2f}s/step)")
+            _log(
+                f"vae step {done}/{cfg.vae_steps} mse {mse.item():.5f} kl {kl.item():.3f} "
+                f"({(time.time() - t_last) / 50:.2f}s/step)"
+            )
             t_last = time.time()
         if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
-            _save_torch({"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "step": done}, ckpt)
+            _save_torch(
+                {
+                    "model": vae.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": done,
+                },
+                ckpt,
+            )
             timer.add("vae", time.time() - t0)
             t0 = time.time()
     vae.eval()
@@ -364,8 +376,13 @@ def build_cache(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
     text_encoder = make_text_encoder(tokenizer).eval()
     text_encoder.save_pretrained(str(work / "text_encoder"))
     caps = captions()
-    ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        caps,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         text = text_encoder(ids)[0]
     vae = AutoencoderKL.from_pretrained(str(work / "vae")).eval()
@@ -443,12 +460,22 @@ def train_unet(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
         ema.step(unet.parameters())
         done = step + 1
         if done % 50 == 0:
-            _log(f"unet step {done}/{cfg.unet_steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
-                 f"({(time.time() - t_last) / 50:.2f}s/step)")
+            _log(
+                f"unet step {done}/{cfg.unet_steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"({(time.time() - t_last) / 50:.2f}s/step)"
+            )
             t_last = time.time()
         if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
-            _save_torch({"model": unet.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "ema": ema.state_dict(), "step": done}, ckpt)
+            _save_torch(
+                {
+                    "model": unet.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "ema": ema.state_dict(),
+                    "step": done,
+                },
+                ckpt,
+            )
             timer.add("unet", time.time() - t0)
             t0 = time.time()
     ema.copy_to(unet.parameters())
@@ -547,12 +574,12 @@ Load with `StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float
 {command}
 ```
 Seed {cfg.seed}. Deterministic and resumable phase by phase (`loracraft.train.toy_base`).
-Wall time on 2 shared CPU cores: VAE {t.get('vae', 0) / 60:.1f} min, cache {t.get('cache', 0) / 60:.1f} min,
-UNet {t.get('unet', 0) / 60:.1f} min, export+evaluation {t.get('export', 0) / 60:.1f} min; total {total / 60:.1f} min.
+Wall time on 2 shared CPU cores: VAE {t.get("vae", 0) / 60:.1f} min, cache {t.get("cache", 0) / 60:.1f} min,
+UNet {t.get("unet", 0) / 60:.1f} min, export+evaluation {t.get("export", 0) / 60:.1f} min; total {total / 60:.1f} min.
 
 | part | architecture |
 |---|---|
-| VAE | AutoencoderKL (32, 64, 64), 1 layer/block, 4 latent channels, x4 downsample, scaling_factor {1 / v['latent_std']:.4f} (latent std {v['latent_std']:.3f}) |
+| VAE | AutoencoderKL (32, 64, 64), 1 layer/block, 4 latent channels, x4 downsample, scaling_factor {1 / v["latent_std"]:.4f} (latent std {v["latent_std"]:.3f}) |
 | UNet | UNet2DConditionModel (64, 128, 128), 1 layer/block, cross-attention at 8x8 and 4x4, epsilon prediction |
 | text encoder | CLIPTextModel, hidden 64, 2 layers, random initialisation, frozen |
 | tokenizer | offline CLIP BPE (`loracraft.infer.testing.build_tokenizer`) |
@@ -566,17 +593,24 @@ EMA {cfg.ema_decay}, {cfg.caption_dropout:.0%} caption dropout, on plain scenes 
 ## Quality
 - Probe (`loracraft.infer.probe.probe_pipeline`): the 90 captions, seed {cfg.seed}+i, guidance
   {cfg.probe_guidance:g}, {cfg.probe_steps} PNDM steps, fp16 weights upcast to fp32: full-prompt accuracy
-  **{p['full']:.1%}** (shape {p['shape']:.1%}, colour {p['colour']:.1%}, background {p['background']:.1%}; chance ~1%).
-- VAE encode->decode PSNR on fresh images: plain scenes {v['psnr_plain']:.1f} dB, lcstyle scenes
-  {v['psnr_styled']:.1f} dB.
+  **{p["full"]:.1%}** (shape {p["shape"]:.1%}, colour {p["colour"]:.1%}, background {p["background"]:.1%}; chance ~1%).
+- VAE encode->decode PSNR on fresh images: plain scenes {v["psnr_plain"]:.1f} dB, lcstyle scenes
+  {v["psnr_styled"]:.1f} dB.
 - Style score (`loracraft.infer.style_score.style_score`, 1 = lcstyle): lcstyle renders
-  {s['styled_renders']:.3f}, plain renders {s['plain_renders']:.3f}, this base's generations
-  {s['base_generations']:.3f} (max {s['base_generations_max']:.3f}).
+  {s["styled_renders"]:.3f}, plain renders {s["plain_renders"]:.3f}, this base's generations
+  {s["base_generations"]:.3f} (max {s["base_generations_max"]:.3f}).
 """
 
 
 #: Which phase each setting belongs to; a phase's settings may change until it has started.
-_PHASE_OF = {"seed": "vae", "kl_weight": "vae", "unet_pool": "cache", "ema_decay": "unet", "caption_dropout": "unet", "probe_": "export"}
+_PHASE_OF = {
+    "seed": "vae",
+    "kl_weight": "vae",
+    "unet_pool": "cache",
+    "ema_decay": "unet",
+    "caption_dropout": "unet",
+    "probe_": "export",
+}
 #: Files whose presence in the work directory means a phase has started.
 _STARTED = {
     "vae": ("vae-ckpt.pt", "vae"),
