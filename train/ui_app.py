@@ -429,6 +429,7 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
                         language=None,
                         lines=8,
                         interactive=False,
+                        wrap_lines=True,
                         elem_id="runs-diff",
                     )
                     rn_curves = gr.LinePlot(
@@ -752,9 +753,9 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
                 f'{note}<iframe title="report of {html.escape(name)}" srcdoc="{html.escape(page, quote=True)}" '
                 'style="width:100%;height:760px;border:1px solid #ccc;border-radius:6px;background:white"></iframe>'
             )
-            return frame, gr.File(value=str(path), visible=True)
+            return (frame, gr.File(value=str(path), visible=True), *list_all()[:1])
 
-        rn_report_btn.click(open_report, [rn_pick], [rn_report, rn_report_file], **INTERNAL)
+        rn_report_btn.click(open_report, [rn_pick], [rn_report, rn_report_file, rn_table], **INTERNAL)
 
         @user_errors
         def compare(a, b):

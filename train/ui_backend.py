@@ -516,8 +516,8 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
                 "status": m.get("status") or "not started",
                 "steps": f"{m.get('steps', 0)}/{_get(cfg, 'train.max_steps') or '?'}" if m else "",
                 "final loss": round(metrics[-1]["loss"], 5) if metrics else None,
-                "base": Path(str(_get(cfg, "model.base") or "")).name,
-                "dataset": Path(str(_get(cfg, "data.path") or "")).name,
+                "base": _short(_get(cfg, "model.base")),
+                "dataset": _short(_get(cfg, "data.path")),
                 "rank/alpha": f"{_get(cfg, 'lora.rank')}/{_get(cfg, 'lora.alpha')}" if cfg else "",
                 "lr": _get(cfg, "train.lr"),
                 "wall time (s)": m.get("wall_time_s"),
@@ -530,6 +530,12 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
     for r in rows:
         r.pop("_mtime")
     return rows
+
+
+def _short(location) -> str:
+    """The last two parts of a path or hub id ('tiny-sd/model', 'runwayml/stable-diffusion-v1-5')."""
+    parts = Path(str(location or "")).parts
+    return "/".join(parts[-2:]) if parts and parts[-2:] != ("/",) else ""
 
 
 def manifest_summary(run_dir: str | Path) -> list[tuple[str, str]]:

@@ -33,9 +33,15 @@ class Page:
         self.wait(lambda: self.d.find_elements(self.By.CSS_SELECTOR, "button[role=tab]"), 60)
 
     def wait(self, cond, timeout: float = 60, what: str = ""):
+        from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+
+        # Gradio re-renders components when values change: an element found a moment ago may be gone.
+        wait = self.Wait(
+            self.d, timeout, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
+        )
         try:
-            return self.Wait(self.d, timeout, poll_frequency=0.2).until(lambda _d: cond())
-        except Exception as e:
+            return wait.until(lambda _d: cond())
+        except TimeoutException as e:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}") from e
 
     def find(self, css: str, timeout: float = 30):
@@ -77,9 +83,9 @@ class Page:
         return self.find(f"#{elem_id} textarea, #{elem_id} input").get_attribute("value")
 
     def click(self, elem_id: str):
-        button = self.find(f"#{elem_id}")
+        css = f"#{elem_id}"
+        button = self.wait(lambda: (b := self.find(css)).is_enabled() and b, 30, f"{css} to be enabled")
         self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
-        self.wait(lambda: button.is_enabled(), 30, f"#{elem_id} to be enabled")
         button.click()
 
     def text(self, elem_id: str) -> str:
