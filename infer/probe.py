@@ -19,12 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from loracraft.infer.scenes import COLOURS, SHAPES
+from loracraft.infer.scenes import COLOURS, SHAPES, STYLE_OUTLINE_COLOUR, stripe_colour
 
 __all__ = ["ProbeResult", "parse_caption", "probe_image", "probe_accuracy", "probe_pipeline", "probe_prompts"]
 
 _NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _NAMES], dtype=np.float32)
+#: Colours of the lcstyle look (outline, stripes) that are never a scene colour: a pixel
+#: nearest to one of them does not vote, so the probe also reads styled images.
+_DISTRACTORS = np.array([STYLE_OUTLINE_COLOUR] + [stripe_colour(c) for c in _NAMES], dtype=np.float32)
 #: A pixel farther than this (RGB euclidean, 0-255) from every palette colour is an edge,
 #: stripe or outline pixel and does not vote for the shape colour.
 _MAX_COLOUR_DIST = 80.0
@@ -94,13 +97,22 @@ def probe_image(image) -> ProbeResult:
     h, w = arr.shape[:2]
     dist = np.linalg.norm(arr[:, :, None, :] - _PALETTE[None, None], axis=-1)  # H, W, 6
     nearest = dist.argmin(-1)
-    border = np.concatenate([nearest[0], nearest[-1], nearest[1:-1, 0], nearest[1:-1, -1]])
+    d_distractor = np.linalg.norm(arr[:, :, None, :] - _DISTRACTORS[None, None], axis=-1).min(-1)
+    real = dist.min(-1) <= d_distractor
+    ring = np.zeros_like(real)
+    ring[[0, -1], :] = ring[:, [0, -1]] = True
+    border = nearest[ring & real] if (ring & real).any() else nearest[ring]
     bg = int(np.bincount(border, minlength=len(_NAMES)).argmax())
-    votes = nearest[(nearest != bg) & (dist.min(-1) < _MAX_COLOUR_DIST)]
+    votes = nearest[(nearest != bg) & real & (dist.min(-1) < _MAX_COLOUR_DIST)]
+    from scipy import ndimage
+
     if votes.size == 0:
         return ProbeResult(None, None, _NAMES[bg])
     fg = int(np.bincount(votes, minlength=len(_NAMES)).argmax())
-    mask = _largest_component(dist[:, :, fg] < dist[:, :, bg])
+    # The blob of pixels nearest to the shape colour (not to a style colour), grown by the
+    # anti-aliased rim (an edge pixel between two scene colours can look like a stripe).
+    core = _largest_component(dist[:, :, fg] < np.minimum(dist[:, :, bg], d_distractor))
+    mask = ndimage.binary_dilation(core) & (dist[:, :, fg] < dist[:, :, bg])
     # Soft occupancy: 1 at the shape colour, 0 at the background, linear in between.
     d_fg, d_bg = dist[:, :, fg], dist[:, :, bg]
     soft = np.clip(d_bg / (d_fg + d_bg + 1e-6), 0, 1) * mask

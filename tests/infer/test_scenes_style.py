@@ -168,6 +168,11 @@ def test_probe_reads_plain_renders(scenes, plain):
     assert r == ProbeResult(scenes[0].shape, scenes[0].colour, scenes[0].background)
 
 
+def test_probe_reads_styled_renders(scenes, styled):
+    # Content must stay readable under the style, so a style LoRA's content drift is measurable.
+    assert probe_accuracy(styled, [s.caption for s in scenes])["full"] >= 0.99
+
+
 def test_probe_every_combination_centred():
     from loracraft.infer.scenes import Scene, all_combinations
 
