@@ -52,7 +52,26 @@ def heldout_loss(pipe, images, resolution: int, seed: int = 1234) -> float:
 
 
 def _pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(g.image, dtype=np.float64) for g in images])
+    return np.stack([np.asarray(getattr(g, "image", g), dtype=np.float64) for g in images])
+
+
+def mean_abs_px(a, b) -> float:
+    """Mean absolute pixel difference (0-255 scale) between two equally long image lists."""
+    return float(np.abs(_pixels(a) - _pixels(b)).mean())
+
+
+def drift_figures(base_trigger, lora_trigger, base_plain, lora_plain) -> dict:
+    """How much the adapter changes images without its trigger, relative to with it."""
+    trigger_shift, plain_shift = mean_abs_px(lora_trigger, base_trigger), mean_abs_px(lora_plain, base_plain)
+    return {
+        "plain_prompts_mean_abs_px": plain_shift, "trigger_prompts_mean_abs_px": trigger_shift,
+        "ratio": plain_shift / trigger_shift if trigger_shift else float("nan"),
+    }
+
+
+def style_progress(base: float, lora: float, style_set: float) -> float:
+    """Fraction of the way from the base's style score to the style set's (1 = all the way)."""
+    return (lora - base) / (style_set - base) if style_set != base else float("nan")
 
 
 def evaluate(run_dir: str | Path, heldout: str | Path | None = None, n_prompts: int = 8, seed: int = 0) -> dict:
@@ -94,8 +113,6 @@ def evaluate(run_dir: str | Path, heldout: str | Path | None = None, n_prompts: 
     style_set = mean_style_score(images.image(i) for i in range(len(images)))
     s_base = mean_style_score(g.image for g in base["trigger"])
     s_lora = mean_style_score(g.image for g in lora["trigger"])
-    trigger_shift = float(np.abs(_pixels(lora["trigger"]) - _pixels(base["trigger"])).mean())
-    plain_shift = float(np.abs(_pixels(lora["plain"]) - _pixels(base["plain"])).mean())
     result = {
         "heldout_loss": {
             "base": base["loss"], "lora": lora["loss"],
@@ -103,12 +120,9 @@ def evaluate(run_dir: str | Path, heldout: str | Path | None = None, n_prompts: 
         },
         "style_score": {
             "base": s_base, "lora": s_lora, "style_set": style_set,
-            "progress": (s_lora - s_base) / (style_set - s_base) if style_set != s_base else float("nan"),
+            "progress": style_progress(s_base, s_lora, style_set),
         },
-        "drift": {
-            "plain_prompts_mean_abs_px": plain_shift, "trigger_prompts_mean_abs_px": trigger_shift,
-            "ratio": plain_shift / trigger_shift if trigger_shift else float("nan"),
-        },
+        "drift": drift_figures(base["trigger"], lora["trigger"], base["plain"], lora["plain"]),
         "prompts": captions, "heldout": str(heldout), "seed": seed,
     }
     write_json_atomic(run_dir / "eval.json", result)
