@@ -171,12 +171,14 @@ def read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             "convert it to .safetensors or pass --allow-pickle if you trust its source"
         )
     try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - user explicitly allowed full pickle loading
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        # Even when the user allows pickles, only tensors and plain containers are unpickled:
+        # weights_only=True cannot run code; a file that needs more is refused, not trusted.
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise AdapterError(f"cannot unpickle adapter ({type(e).__name__}: {e}), {path}, re-export it") from e
+        raise AdapterError(
+            f"cannot load pickle adapter with weights_only=True ({type(e).__name__}), {path}, "
+            "re-export it as .safetensors"
+        ) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -291,7 +291,7 @@ def train_vae(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
     ckpt = work / "vae-ckpt.pt"
     start = 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -416,7 +416,7 @@ def train_unet(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
     out = work / "unet-ema"
     if (out / "config.json").exists():
         return out
-    cache = torch.load(work / "cache.pt", weights_only=False)
+    cache = torch.load(work / "cache.pt", weights_only=True)
     noise_sched = DDPMScheduler(**SCHEDULE)
     torch.manual_seed(cfg.seed + 4)
     unet = make_unet()
@@ -428,7 +428,7 @@ def train_unet(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
     ckpt = work / "unet-ckpt.pt"
     start = 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         unet.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
