@@ -554,7 +554,9 @@ class ReferenceRunner(Runner):
         from loracraft.train.config import ATTN_TARGETS
 
         s = self.spec
-        self.acc = acc = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
+        # The script's --mixed_precision, set like loracraft's (fp32 unless overridden).
+        precision = StepSettings.from_config(s.loracraft_config(False, str(self.work / "unused")))
+        self.acc = acc = Accelerator(gradient_accumulation_steps=1, mixed_precision=precision.mixed_precision)
         set_seed(s.seed)
         base = s.model_dir
         self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
@@ -564,7 +566,9 @@ class ReferenceRunner(Runner):
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
         for m in (unet, self.vae, self.text_encoder):
             m.requires_grad_(False)
-            m.to(acc.device)  # weight_dtype is fp32 here (mixed_precision "no"), so no cast
+            m.to(acc.device)
+            if precision.weight_dtype != torch.float32:  # the script casts all frozen parts
+                m.to(dtype=precision.weight_dtype)
         unet.add_adapter(
             LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian", target_modules=ATTN_TARGETS)
         )
@@ -592,6 +596,8 @@ class ReferenceRunner(Runner):
         self.unet, self.optimizer, self.loader, self.lr_scheduler = acc.prepare(
             unet, optimizer, loader, lr_scheduler
         )
+        self.weight_dtype = precision.weight_dtype  # a local in the script (ModelMixin.dtype is slow)
+        self.unet.train()
         self.batches = iter(self.loader)
         self.bar = tqdm(total=10**9, desc="Steps", file=sys.stderr, disable=not acc.is_local_main_process)
         self.global_step = 0
@@ -601,6 +607,7 @@ class ReferenceRunner(Runner):
         try:
             return next(self.batches)
         except StopIteration:  # a new epoch, as the reference's `for epoch ...` loop starts one
+            self.unet.train()
             self.batches = iter(self.loader)
             return next(self.batches)
 
@@ -612,7 +619,8 @@ class ReferenceRunner(Runner):
             batch = self._next_batch()
             train_loss = 0.0
             with acc.accumulate(self.unet):
-                latents = self.vae.encode(batch["pixel_values"]).latent_dist.sample()
+                pixels = batch["pixel_values"].to(dtype=self.weight_dtype)
+                latents = self.vae.encode(pixels).latent_dist.sample()
                 latents = latents * self.vae.config.scaling_factor
                 noise = torch.randn_like(latents)
                 bsz = latents.shape[0]
