@@ -42,7 +42,7 @@ _GENERATION_OPTIONS = (
 
 def register(subparsers) -> None:
     """Add the ``generate`` and ``convert`` subcommands to an argparse subparsers object."""
-    from loracraft.infer.generate import SCHEDULERS
+    from loracraft.infer.schedulers import SCHEDULERS
 
     g = subparsers.add_parser(
         "generate",
@@ -150,7 +150,7 @@ def _validate_generate(args) -> list[str]:
         if not Path(path).expanduser().exists():
             problems.append(f"adapter file not found, --lora {path}, check the path")
     if args.scheduler:
-        from loracraft.infer.generate import SCHEDULERS
+        from loracraft.infer.schedulers import SCHEDULERS
 
         if args.scheduler.lower() not in {s.lower() for s in [*SCHEDULERS, *SCHEDULERS.values()]}:
             problems.append(

@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.io import atomic_path
+from loracraft.infer.names import LORA_WEIGHT_NAME  # noqa: E402, F401  (re-exported)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: diffusers' key for the per-component LoraConfig (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY).
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 #: Default file name ``convert --to kohya`` uses when the target is a folder.

@@ -46,15 +46,8 @@ __all__ = [
 ]
 
 #: Short names accepted by ``--scheduler`` -> diffusers classes.
-SCHEDULERS = {
-    "DDIM": "DDIMScheduler",
-    "DPMSolverMultistep": "DPMSolverMultistepScheduler",
-    "EulerAncestral": "EulerAncestralDiscreteScheduler",
-    "Euler": "EulerDiscreteScheduler",
-    "LMS": "LMSDiscreteScheduler",
-    "PNDM": "PNDMScheduler",
-    "UniPC": "UniPCMultistepScheduler",
-}
+from loracraft.infer.schedulers import SCHEDULERS  # noqa: E402  (light module: the CLI parser reads it)
+
 #: What AUTOMATIC1111 calls the same samplers (its ``Sampler:`` field).
 A1111_SAMPLERS = {
     "DDIM": "DDIM",

@@ -18,7 +18,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from loracraft.infer.errors import UsageError
-from loracraft.infer.formats import LORA_WEIGHT_NAME
+from loracraft.infer.names import LORA_WEIGHT_NAME
 from loracraft.infer.scenes import all_combinations, random_scene, render, write_style_dataset
 
 DEMO_SEED = 0

@@ -8,8 +8,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import torch
-
 SECRET_NAME = re.compile(r"(token|secret|password|passwd|api[_-]?key|auth)", re.IGNORECASE)
 PACKAGES = ("loracraft", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors")
 
@@ -49,6 +47,8 @@ def git_commit() -> str | None:
 
 
 def environment() -> dict:
+    import torch
+
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),

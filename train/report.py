@@ -15,8 +15,7 @@ import json
 from pathlib import Path
 
 from loracraft.infer.errors import UsageError
-from loracraft.infer.formats import LORA_WEIGHT_NAME
-from loracraft.infer.io import write_text_atomic
+from loracraft.infer.names import LORA_WEIGHT_NAME
 
 SWEEP_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -147,6 +146,8 @@ def write_report(run_dir: str | Path, sweep: bool = True) -> Path:
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>loracraft report: "
             f"{html.escape(run_dir.name)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
     out = run_dir / "report.html"
+    from loracraft.infer.io import write_text_atomic
+
     write_text_atomic(out, page)
     return out
 

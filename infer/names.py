@@ -1,0 +1,4 @@
+"""File names shared by both layers, importable without torch (the CLI parser needs them)."""
+
+#: The diffusers adapter file name (``diffusers.loaders.lora_base.LORA_WEIGHT_NAME_SAFE``).
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
