@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import math
 import os
 import random
@@ -902,7 +903,9 @@ def _summarize(
         "children_peak_rss_mb": quit_["children_peak_rss_mb"] if isolated else None,
         "settings": setup["settings"],
         "deterministic_algorithms": setup.get("deterministic_algorithms", False),
-        "lora_modules": setup["lora_modules"],
+        # The JSON keeps a count and a digest of the ``name:shape`` list (hundreds of entries).
+        "lora_tensors": len(setup["lora_modules"]),
+        "lora_modules_sha256": hashlib.sha256("\n".join(setup["lora_modules"]).encode()).hexdigest(),
         "lora_params": setup["lora_params"],
         "unet_params": setup["unet_params"],
     }
@@ -948,13 +951,13 @@ def checks(result: dict) -> dict:
     v = result["variants"]
     out: dict = {}
     if "a" in v and "b" in v:
-        out["same_lora_modules_a_b"] = v["a"]["lora_modules"] == v["b"]["lora_modules"]
+        out["same_lora_modules_a_b"] = v["a"]["lora_modules_sha256"] == v["b"]["lora_modules_sha256"]
         sa, sb = v["a"]["settings"], v["b"]["settings"]
         out["settings_mismatch_a_b"] = {
             k: [sa.get(k), sb.get(k)] for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)
         }
     if "d" in v and "b" in v:
-        out["same_lora_modules_d_b"] = v["d"]["lora_modules"] == v["b"]["lora_modules"]
+        out["same_lora_modules_d_b"] = v["d"]["lora_modules_sha256"] == v["b"]["lora_modules_sha256"]
     return out
 
 
@@ -1143,6 +1146,21 @@ def format_report(results: dict) -> str:
         f"\nmachine: {m['cpus']} CPUs ({m['cpu_capability']}), torch {m['torch']}, load average "
         f"{m['loadavg_before'][0]:.1f} -> {m['loadavg_after'][0]:.1f}, {m['wall_s']:.0f} s wall"
     )
+    busiest = max(m["loadavg_before"][0], m["loadavg_after"][0])
+    if busiest > 0.75 * (m["cpus"] or 1):
+        threads = results["config"].get("threads", 1)
+        hint = (
+            ""
+            if threads == 1 or m.get("env", {}).get("OMP_WAIT_POLICY")
+            else (
+                "; OpenMP threads spin-waiting for descheduled peers make multi-thread steps several times "
+                "slower on a busy machine: compare with --threads 1 or OMP_WAIT_POLICY=PASSIVE"
+            )
+        )
+        lines.append(
+            f"note: the machine was busy (load {busiest:.1f} on {m['cpus']} CPUs): wall-clock figures are noisy, "
+            f"trust the paired and CPU ratios more{hint}"
+        )
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from loracraft.train.bench import (
     MODELS,
     BenchConfig,
     format_report,
+    lora_modules,
     measure_model,
     ref_crop,
     ref_resize,
@@ -31,7 +32,7 @@ def _check_model_result(r: dict, variants: str) -> None:
         assert v["lora_params"] > 0 and v["unet_params"] > v["lora_params"]
     assert r["checks"]["same_lora_modules_a_b"]
     assert r["checks"]["settings_mismatch_a_b"] == {}
-    assert all("lora_A" in m or "lora_B" in m for m in r["variants"]["a"]["lora_modules"])
+    assert r["variants"]["a"]["lora_tensors"] == r["variants"]["b"]["lora_tensors"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,17 @@ def test_in_process_mode_runs_without_rss(tiny_sd, tmp_path):
     r = measure_model(MODELS["tiny"], cfg, tmp_path, log=lambda _m: None, model_dir=tiny_sd)
     assert r["variants"]["a"]["steps_per_s"] > 0 and r["variants"]["a"]["peak_rss_mb"] is None
     assert torch.get_num_threads() == threads  # the caller's setting is given back
+
+
+def test_lora_modules_lists_only_trainable_tensors():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    base = torch.nn.Sequential()
+    base.add_module("to_q", torch.nn.Linear(4, 4))
+    base.requires_grad_(False)
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), base)
+    names = lora_modules(model)
+    assert names == ["to_q.lora_A.default.weight:(2, 4)", "to_q.lora_B.default.weight:(4, 2)"]
 
 
 def test_reference_transforms_match_torchvision_semantics():
