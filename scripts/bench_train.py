@@ -10,6 +10,7 @@ The logic lives in ``loracraft.train.bench``; see its docstring for the method.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from loracraft.train.bench import MODELS, VARIANTS, BenchConfig, format_report, run_benchmark, write_json
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_flip:
         kw["random_flip"] = False
     cfg = BenchConfig.quick(**kw) if a.quick else BenchConfig(**kw)
+    # SIGTERM unwinds like Ctrl-C, so the variant processes are shut down on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_report(results))
     if a.json:

@@ -506,11 +506,12 @@ class LoracraftRunner(Runner):
         if fill is not None:  # time the one-time cache fill directly
 
             def timed_fill(*args, **kwargs):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 try:
                     return fill(*args, **kwargs)
                 finally:
                     timed["cache_s"] = time.perf_counter() - t0
+                    timed["cache_cpu_s"] = time.process_time() - c0
 
             trainer._setup_cache = timed_fill
         trainer.setup()
@@ -772,7 +773,10 @@ def _worker_main(conn, variant: str, spec_dict: dict, log_path: str) -> None:
     os.dup2(fd, 2)
     server = VariantServer(variant, BenchSpec(**spec_dict))
     while True:
-        msg = conn.recv()
+        try:
+            msg = conn.recv()
+        except EOFError:  # the benchmark process is gone: nothing left to answer
+            break
         reply = server.handle(msg)
         conn.send(reply)
         if msg["cmd"] == "quit" or "error" in reply:
@@ -898,6 +902,7 @@ def _summarize(
         "window_steps_per_s": speeds,
         "setup_s": setup["setup_s"],
         "cache_s": setup.get("cache_s"),
+        "cache_cpu_s": setup.get("cache_cpu_s"),
         "start_rss_mb": setup["start_rss_mb"] if isolated else None,
         "peak_rss_mb": quit_["peak_rss_mb"] if isolated else None,
         "children_peak_rss_mb": quit_["children_peak_rss_mb"] if isolated else None,
@@ -943,6 +948,9 @@ def ratios(result: dict, spec: BenchSpec) -> dict:
         epoch_steps = math.ceil(result["images"] / spec.batch_size)
         epoch_s = epoch_steps / v["c"]["steps_per_s"]
         out.update(cache_cost_s=cost, uncached_epoch_s=epoch_s, cache_cost_epoch_fraction=cost / epoch_s)
+        if v["b"].get("cache_cpu_s") is not None:  # the same fraction in CPU time (load-insensitive)
+            epoch_cpu_s = epoch_steps * v["c"]["cpu_ms_per_step"] / 1000.0
+            out["cpu"]["cache_cost_epoch_fraction"] = v["b"]["cache_cpu_s"] / epoch_cpu_s
     return out
 
 
@@ -1131,7 +1139,12 @@ def format_report(results: dict) -> str:
         if q.get("cache_cost_epoch_fraction") is not None:
             lines.append(
                 f"  one-time caching cost: {q['cache_cost_s']:.2f} s = {q['cache_cost_epoch_fraction']:.2f} of one "
-                f"uncached epoch ({q['uncached_epoch_s']:.2f} s; {q['cache_cost_source']})"
+                f"uncached epoch ({q['uncached_epoch_s']:.2f} s; {q['cache_cost_source']}"
+                + (
+                    f"; in CPU time {q['cpu']['cache_cost_epoch_fraction']:.2f})"
+                    if "cache_cost_epoch_fraction" in q["cpu"]
+                    else ")"
+                )
             )
         c = r["checks"]
         if c:
