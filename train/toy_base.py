@@ -70,6 +70,11 @@ class ToyBaseConfig:
     unet_batch: int = 64
     unet_lr: float = 1e-3
     unet_warmup: int = 100
+    # A second cosine cycle (a warm restart, Loshchilov & Hutter 2017, SGDR) after the first:
+    # the first cycle's steps are unchanged by it, so a finished build can be extended.
+    unet_restart_steps: int = 700
+    unet_restart_lr: float = 5e-4
+    unet_restart_warmup: int = 50
     unet_pool: int = 16384
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
@@ -408,6 +413,14 @@ def build_cache(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
     return out
 
 
+def _unet_lr_factor(cfg: ToyBaseConfig, step: int) -> float:
+    """LR multiplier: warm-up + cosine over unet_steps, then a warm-up + cosine restart."""
+    if step < cfg.unet_steps:
+        return _cosine(step, cfg.unet_steps, cfg.unet_warmup)
+    restart = _cosine(step - cfg.unet_steps, cfg.unet_restart_steps, cfg.unet_restart_warmup)
+    return cfg.unet_restart_lr / cfg.unet_lr * restart
+
+
 def train_unet(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
     """Phase 3: the UNet on plain scenes, EMA weights. Returns the EMA UNet's folder."""
     from diffusers import DDPMScheduler
@@ -421,7 +434,8 @@ def train_unet(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
     torch.manual_seed(cfg.seed + 4)
     unet = make_unet()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.unet_steps, cfg.unet_warmup))
+    total = cfg.unet_steps + cfg.unet_restart_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _unet_lr_factor(cfg, s))
     # EMA warm-up (decay 1 - (1 + step)^-3/4, capped at ema_decay): with ~1300 steps a fixed
     # 0.999 would still average in the weights of the first few hundred steps.
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
@@ -439,7 +453,7 @@ def train_unet(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
     n = len(cache["mean"])
     unet.train()
     t0 = t_last = time.time()
-    for step in range(start, cfg.unet_steps):
+    for step in range(start, total):
         g = _gen(cfg.seed, 3, step)
         idx = torch.randint(n, (cfg.unet_batch,), generator=g)
         mean, std = cache["mean"][idx], cache["std"][idx]
@@ -461,11 +475,11 @@ def train_unet(cfg: ToyBaseConfig, work: Path, timer: _Timer) -> Path:
         done = step + 1
         if done % 50 == 0:
             _log(
-                f"unet step {done}/{cfg.unet_steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"unet step {done}/{total} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
                 f"({(time.time() - t_last) / 50:.2f}s/step)"
             )
             t_last = time.time()
-        if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
+        if done % cfg.checkpoint_every == 0 or done == total:
             _save_torch(
                 {
                     "model": unet.state_dict(),
@@ -519,6 +533,15 @@ def export(cfg: ToyBaseConfig, work: Path, out: Path, timer: _Timer, command: st
     staging = out.parent / f".{out.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(str(staging), safe_serialization=True)
+    # transformers 5 loads with dtype="auto" by default, i.e. the dtype in config.json: say
+    # float32 so a plain from_pretrained(dir) gives an all-fp32 pipeline (the diffusers
+    # parts upcast anyway); a mixed fp16/fp32 pipeline fails in its first matmul.
+    te_cfg = staging / "text_encoder" / "config.json"
+    te = json.loads(te_cfg.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in te:
+            te[key] = "float32"
+    te_cfg.write_text(json.dumps(te, indent=2, sort_keys=True) + "\n")
     # Evaluate what users get: the stored fp16 weights, loaded and upcast to fp32.
     pipe = StableDiffusionPipeline.from_pretrained(str(staging), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -545,6 +568,8 @@ def export(cfg: ToyBaseConfig, work: Path, out: Path, timer: _Timer, command: st
     result["timings_s"] = timer.data
     write_json_atomic(staging / "build.json", {"config": asdict(cfg), **result})
     write_text_atomic(staging / "README.md", model_card(cfg, result, command))
+    for f in staging.rglob("*"):  # atomic writes create 0600 files; package data must be readable
+        f.chmod(0o755 if f.is_dir() else 0o644)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
@@ -586,8 +611,9 @@ UNet {t.get("unet", 0) / 60:.1f} min, export+evaluation {t.get("export", 0) / 60
 | scheduler | PNDM, scaled_linear 0.00085-0.012, 1000 steps (trained with DDPM) |
 
 Training: VAE {cfg.vae_steps} steps, batch {cfg.vae_batch}, MSE + {cfg.kl_weight:g} KL, on a mixture of plain
-scenes, styled scenes, stripes, checkers, gradients and outlined shapes. UNet {cfg.unet_steps} steps,
-batch {cfg.unet_batch}, AdamW {cfg.unet_lr:g} with {cfg.unet_warmup} warm-up steps and cosine decay,
+scenes, styled scenes, stripes, checkers, gradients and outlined shapes. UNet {cfg.unet_steps} + {cfg.unet_restart_steps} steps,
+batch {cfg.unet_batch}, AdamW {cfg.unet_lr:g} with {cfg.unet_warmup} warm-up steps and cosine decay, then a warm
+restart at {cfg.unet_restart_lr:g} ({cfg.unet_restart_warmup} warm-up steps, cosine),
 EMA {cfg.ema_decay}, {cfg.caption_dropout:.0%} caption dropout, on plain scenes only.
 
 ## Quality
