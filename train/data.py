@@ -489,4 +489,8 @@ def make_batches(
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        # Creating the iterator draws a worker base seed; from the global RNG that draw would land
+        # after a resume restored it (and before the first step in an uninterrupted run), shifting
+        # every LoRA-dropout mask. Samples are keyed by position, so a private generator costs nothing.
+        generator=torch.Generator().manual_seed(0),
     )
