@@ -840,9 +840,15 @@ class InlineWorker:
     isolated = False
 
     def __init__(self, variant: str, spec: BenchSpec):
+        import signal
+
         self.variant = variant
         self.server = VariantServer(variant, spec)
-        self._threads = torch.get_num_threads()  # setup sets the spec's; give the caller its own back
+        # Process-wide state a variant's setup changes (threads; LoraTrainer: deterministic
+        # algorithms, SIGINT/SIGTERM handlers): given back to the caller on close().
+        self._threads = torch.get_num_threads()
+        self._deterministic = torch.are_deterministic_algorithms_enabled()
+        self._handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def ask(self, msg: dict) -> dict:
         reply = self.server.handle(msg)
@@ -851,9 +857,15 @@ class InlineWorker:
         return reply
 
     def close(self) -> None:
+        import signal
+
         self.server = None
         gc.collect()
         torch.set_num_threads(self._threads)
+        torch.use_deterministic_algorithms(self._deterministic)
+        for sig, handler in self._handlers.items():
+            if handler is not None:  # None: installed outside Python, cannot be re-installed
+                signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------- measurement
