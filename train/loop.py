@@ -456,18 +456,20 @@ class LoraTrainer:
         bar = tqdm(
             total=t.max_steps, initial=self.step, disable=not self.accelerator.is_main_process, desc="train"
         )
-        while self.step < t.max_steps:
-            loss = self._optimizer_step()
-            self.step += 1
-            bar.update(1)
-            self._record(loss, bar)
-            if self.step % self.cfg.checkpoint.every == 0 or self._signal is not None:
-                self._checkpoint()
-            if self.cfg.validation.prompts and self.step % self.cfg.validation.every == 0:
-                self.validate()
-            if self._signal is not None:
-                self._stop_on_signal()
-        bar.close()
+        try:  # the bar is closed before any error is printed, so the error starts its own line
+            while self.step < t.max_steps:
+                loss = self._optimizer_step()
+                self.step += 1
+                bar.update(1)
+                self._record(loss, bar)
+                if self.step % self.cfg.checkpoint.every == 0 or self._signal is not None:
+                    self._checkpoint()
+                if self.cfg.validation.prompts and self.step % self.cfg.validation.every == 0:
+                    self.validate()
+                if self._signal is not None:
+                    self._stop_on_signal()
+        finally:
+            bar.close()
         self._flush_logs()
 
     def _optimizer_step(self) -> torch.Tensor:
