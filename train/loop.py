@@ -7,6 +7,7 @@ calls, ``train()`` reads top to bottom, and nothing in it knows a file format.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import shutil
 import signal
@@ -335,7 +336,25 @@ class LoraTrainer:
             build=acc.is_main_process, show_progress=acc.is_main_process,
         )
         acc.wait_for_everyone()
+        self._release_cached_encoders(plan)
         return sources
+
+    def _release_cached_encoders(self, plan) -> None:
+        """Free the weights the cache made dead: the VAE encoder once every latent is cached, and
+        the VAE decoder and text encoder too when no validation images need them (kohya moves
+        cached encoders off the GPU for the same reason). Moved to the meta device rather than
+        deleted, so an accidental use fails loudly instead of silently computing garbage."""
+        c, validating = self.c, bool(self.cfg.validation.prompts)
+        dead = []
+        if plan.latents:
+            dead += [c.vae.encoder, getattr(c.vae, "quant_conv", None)]
+            if not validating:
+                dead += [c.vae.decoder, getattr(c.vae, "post_quant_conv", None)]
+        if plan.text and not validating:
+            dead.append(c.text_encoder)
+        for module in filter(None, dead):
+            module.to("meta")
+        gc.collect()
 
     def _check_process_change(self, old_training: dict, old_p: int, diff: list[str], warn: bool = True) -> list[str]:
         """A different process count is fine when the effective batch is unchanged: samples are

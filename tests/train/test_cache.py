@@ -37,6 +37,31 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_sd, tiny_dataset, 
     torch.testing.assert_close(losses["true"], losses["false"], rtol=1e-4, atol=1e-5)
 
 
+def _on_meta(module) -> bool:
+    return all(t.is_meta for t in module.parameters())
+
+
+@pytest.mark.parametrize(
+    "over, freed",
+    [
+        ({"train.cache": "true"}, {"vae.encoder", "vae.decoder", "text_encoder"}),
+        ({"train.cache": "true", "validation.prompts": "[a red circle]"}, {"vae.encoder"}),
+        ({"train.cache": "false"}, set()),
+    ],
+    ids=["cached", "cached+validation", "uncached"],
+)
+def test_cached_encoders_are_released(tiny_sd, tiny_dataset, tmp_path, make_trainer, over, freed):
+    trainer = make_trainer(tiny_sd, tiny_dataset, tmp_path / "run", **over, **{"train.cache_dir": str(tmp_path / "c")})
+    c = trainer.c
+    parts = {"vae.encoder": c.vae.encoder, "vae.decoder": c.vae.decoder, "text_encoder": c.text_encoder}
+    assert {name for name, m in parts.items() if _on_meta(m)} == freed
+    assert not any(t.is_meta for t in c.unet.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(trainer.compute_loss(next(trainer.batches)))
+    if "validation.prompts" in over:
+        assert trainer.validate().is_file()  # decoder and text encoder still there for it
+
+
 _RUNS = __import__("itertools").count()
 
 
