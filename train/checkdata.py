@@ -28,7 +28,8 @@ import io
 import json
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -156,6 +157,8 @@ class CheckReport:
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     entries: list[_Entry] = field(default_factory=list)
+    #: set by :func:`with_captions`: where training's captions come from instead of the dataset
+    caption_fn: Callable[[str | None], str] | None = None
 
     @property
     def images(self) -> int:
@@ -805,6 +808,22 @@ def load_tokenizer(base: str, revision: str | None = None):
     return tok
 
 
+#: Findings about captions; irrelevant when the caption comes from elsewhere (DreamBooth's instance prompt).
+CAPTION_PROBLEMS = ("missing-caption", "caption-not-utf8", "empty-caption", "caption-too-long", "caption-bom")
+
+
+def with_captions(report: CheckReport, caption_fn: Callable[[str | None], str]) -> CheckReport:
+    """The report as training sees it when ``caption_fn`` decides every caption (DreamBooth's
+    instance prompt): each image's caption (None when it has none) is mapped through it and
+    caption findings stop counting, so a folder of images without captions trains."""
+    return replace(
+        report,
+        findings=[f for f in report.findings if f.problem not in CAPTION_PROBLEMS],
+        entries=[replace(e, caption=caption_fn(e.caption)) for e in report.entries],
+        caption_fn=caption_fn,
+    )
+
+
 def checked_images(
     report: CheckReport, on_error: str, image_column: str = "image", caption_column: str = "text"
 ) -> tuple[CaptionedImages, list[Finding]]:
@@ -829,7 +848,7 @@ def checked_images(
         raise DataError(
             f"every image has an error, {report.root}, fix them (see loracraft check-data {report.root})"
         )
-    if skip and report.layout in ("txt-sidecars", "kohya-repeats"):
+    if (skip or report.caption_fn is not None) and report.layout in ("txt-sidecars", "kohya-repeats"):
         # load_captioned_images refuses missing/non-UTF-8 captions; the scan has the same items in the same order.
         data = _data()
         images = data.CaptionedImages(
@@ -839,6 +858,8 @@ def checked_images(
         images = _data().load_captioned_images(report.root, image_column, caption_column)
         if skip:
             images.items = [it for it in images.items if _item_key(images, it, report) not in skip]
+        if report.caption_fn is not None:
+            images.items = [replace(it, caption=report.caption_fn(it.caption or None)) for it in images.items]
     skipped = [f for f in report.errors if f.file in skip]
     return images, skipped
 

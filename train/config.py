@@ -117,6 +117,43 @@ class LoraCfg(_Section):
         return list(self.targets)
 
 
+class ClassGenerationCfg(_Section):
+    steps: int = Field(25, gt=0, description="denoising steps per generated class image")
+    guidance: float = Field(7.5, ge=0, description="classifier-free guidance of the class images")
+    seed: int = Field(0, description="class image k (0, 1, ...) is generated with seed + k, alone in its own "
+                      "pipeline call, so an interrupted generation resumes with identical images")
+    negative_prompt: str | None = Field(None, description="negative prompt of the class images")
+
+
+class DreamBoothCfg(_Section):
+    """DreamBooth (Ruiz et al. 2022, arXiv:2208.12242): instance images + a prompt with an
+    identifier token; prior preservation trains on class images of the base model alongside."""
+
+    instance_prompt: str = Field(
+        min_length=1, description="prompt with the identifier token, e.g. 'a photo of sks dog' (required)"
+    )
+    captions: Literal["instance_prompt", "prepend"] = Field(
+        "instance_prompt",
+        description="instance_prompt = every data.path image is trained with instance_prompt (captions, if "
+        "any, are ignored; images need none); prepend = 'instance_prompt, <caption>' (the prompt alone "
+        "for images without one)",
+    )
+    prior_preservation: bool = Field(
+        True, description="pair every instance sample with a class sample (loss += prior_loss_weight x class loss)"
+    )
+    class_prompt: str | None = Field(
+        None, description="prompt of the class images, e.g. 'a photo of a dog' (required with prior_preservation)"
+    )
+    class_data: str | None = Field(
+        None,
+        description="folder of your own class images (read only); missing ones up to num_class_images "
+        "are generated with the base into the cache folder",
+    )
+    num_class_images: int = Field(100, gt=0, description="class images to train with (100-200 is usual)")
+    prior_loss_weight: float = Field(1.0, gt=0, description="weight of the class (prior) loss")
+    class_generation: ClassGenerationCfg = Field(default_factory=ClassGenerationCfg)
+
+
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
@@ -213,6 +250,10 @@ class Config(_Section):
     checkpoint: CheckpointCfg = Field(default_factory=CheckpointCfg)
     validation: ValidationCfg = Field(default_factory=ValidationCfg)
     output: OutputCfg = Field(default_factory=OutputCfg)
+    dreambooth: DreamBoothCfg | None = Field(
+        None, description="DreamBooth mode, e.g. {instance_prompt: 'a photo of sks dog', class_prompt: "
+        "'a photo of a dog'}; null = ordinary captioned-dataset training"
+    )
 
     def contradictions(self) -> list[tuple[str, str]]:
         """Options that are each valid but cannot all hold: ``[(what, how to fix), ...]``."""
@@ -236,6 +277,26 @@ class Config(_Section):
         if t.ema_decay is None and self.output.export_ema == "replace":
             found.append(("output.export_ema=replace but train.ema_decay is null (no EMA is kept)",
                           "set train.ema_decay (e.g. 0.999) or output.export_ema=extra"))
+        found += self._dreambooth_contradictions()
+        return found
+
+    def _dreambooth_contradictions(self) -> list[tuple[str, str]]:
+        db, found = self.dreambooth, []
+        if db is None or not db.prior_preservation:
+            if db is not None and db.class_prompt is not None:
+                found.append(("dreambooth.class_prompt is set but dreambooth.prior_preservation=false (no class "
+                              "images are used)", "set prior_preservation=true or remove class_prompt"))
+            if db is not None and db.class_data is not None:
+                found.append(("dreambooth.class_data is set but dreambooth.prior_preservation=false",
+                              "set prior_preservation=true or remove class_data"))
+            return found
+        if not (db.class_prompt or "").strip():
+            found.append(("dreambooth.prior_preservation=true needs dreambooth.class_prompt",
+                          "set class_prompt to the class without the identifier (e.g. 'a photo of a dog') "
+                          "or set prior_preservation=false"))
+        if self.data.buckets:
+            found.append(("dreambooth prior preservation puts instance and class images in one batch, so they "
+                          "must share one size, but data.buckets=true", "set data.buckets=false"))
         return found
 
     def dump(self) -> dict:
@@ -283,11 +344,17 @@ def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every settable key; an optional section (``dreambooth``, ``lora.text_encoder``) is listed
+    itself (it can be set whole, or to null) and with its sub-keys."""
     keys = []
     for name, field in model.model_fields.items():
         ann = _unwrap_model(field.annotation)
+        optional = _optional_model(field.annotation)
         if ann is not None:
             keys += _all_keys(ann, f"{prefix}{name}.")
+        elif optional is not None:
+            keys.append(f"{prefix}{name}")
+            keys += _all_keys(optional, f"{prefix}{name}.")
         else:
             keys.append(f"{prefix}{name}")
     return keys
@@ -296,6 +363,14 @@ def _all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
 def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    return None
+
+
+def _optional_model(annotation: Any) -> type[BaseModel] | None:
+    """``Section | None`` -> Section (a section that is off unless given)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if type(None) in typing.get_args(annotation) and len(args) == 1:
+        return _unwrap_model(args[0])
     return None
 
 
@@ -309,6 +384,7 @@ def _field_for(dotted: str) -> Any | None:
         sub = _unwrap_model(field.annotation)
         if i == len(parts) - 1:
             return field if sub is None else None
+        sub = sub or _optional_model(field.annotation)
         if sub is None:
             return None
         model = sub

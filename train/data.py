@@ -481,12 +481,13 @@ def make_batches(
     num_processes: int = 1,
     rank: int = 0,
     num_workers: int = 0,
+    collate_fn=collate,
 ) -> torch.utils.data.DataLoader:
     """An endless loader of this rank's batches from ``start_micro_step`` on."""
     return torch.utils.data.DataLoader(
         examples,
         batch_sampler=_RankBatches(start_micro_step, batch_size, num_processes, rank),
-        collate_fn=collate,
+        collate_fn=collate_fn,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         # Creating the iterator draws a worker base seed; from the global RNG that draw would land

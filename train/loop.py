@@ -22,7 +22,7 @@ from loracraft.infer.errors import ConfigError, LoracraftError, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, save_diffusers_lora, tensors_sha256
 from loracraft.infer.io import write_json_atomic, write_text_atomic
 from loracraft.train import checkpoint as ckpt
-from loracraft.train.cache import build_caches, cache_plan
+from loracraft.train.cache import build_caches, cache_plan, default_cache_dir
 from loracraft.train.components import (
     Components,
     check_base,
@@ -37,9 +37,11 @@ from loracraft.train.data import (
     SampleStream,
     TrainingExamples,
     assign_bucket,
+    collate,
     make_batches,
     make_buckets,
 )
+from loracraft.train.dreambooth import DreamBooth, PairedExamples, dreambooth_problems, paired_collate
 from loracraft.train.ema import AdapterEMA
 from loracraft.train.lora import inject_lora, inject_text_encoder_lora, unet_lora_state_dict
 from loracraft.train.loss import (
@@ -77,6 +79,7 @@ def validate_before_load(cfg: Config) -> None:
         except LoracraftError as e:
             problems += e.problems
     problems += optimizer_problems(cfg.train)
+    problems += dreambooth_problems(cfg)
     if problems:
         raise ConfigError(problems[0], problems)
 
@@ -94,6 +97,7 @@ class LoraTrainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.output.dir)
         self._signal: int | None = None
+        self.dreambooth = DreamBooth(cfg, self._print) if cfg.dreambooth else None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -103,6 +107,9 @@ class LoraTrainer:
         self.c = self._setup_models()
         self.planner = self._setup_planner()
         self.sources = self._setup_cache()
+        self.class_examples = self._setup_class_examples()  # DreamBooth prior preservation, else None
+        self.loss_fn = self.dreambooth.loss if self.class_examples is not None else diffusion_loss
+        self._release_cached_encoders()
         self.lora_config = inject_lora(self.c.unet, self.cfg.lora)
         self.te_lora_config = inject_text_encoder_lora(self.c.text_encoder, self.cfg.lora)
         self.trainables = self._setup_trainables()
@@ -137,7 +144,7 @@ class LoraTrainer:
 
     def _setup_data(self):
         """The dataset, checked like `loracraft check-data` before any weights load (data.on_error)."""
-        from loracraft.train.checkdata import check_dataset, checked_images, load_tokenizer
+        from loracraft.train.checkdata import check_dataset, checked_images, load_tokenizer, with_captions
 
         d, t, acc = self.cfg.data, self.cfg.train, self.accelerator
         try:
@@ -147,6 +154,8 @@ class LoraTrainer:
         report = check_dataset(
             d.path, d.resolution, tokenizer, d.image_column, d.caption_column, progress=acc.is_main_process
         )
+        if self.dreambooth:  # captions come from dreambooth.instance_prompt
+            report = with_captions(report, self.dreambooth.caption)
         images, skipped = checked_images(report, d.on_error, d.image_column, d.caption_column)
         if skipped:
             files = sorted({f.file for f in skipped})
@@ -165,6 +174,8 @@ class LoraTrainer:
                 f"{d.path}, lower train.batch_size to at most {samples // acc.num_processes or 1} or add images"
             )
         self.dataset_fingerprint = images.fingerprint()
+        if self.dreambooth:  # plus the user's class images
+            self.dataset_fingerprint = self.dreambooth.dataset_fingerprint(self.dataset_fingerprint)
         return images
 
     def _setup_run_dir(self) -> Path | None:
@@ -323,34 +334,54 @@ class LoraTrainer:
             stream = SampleStream(self.images.repeats(), t.seed)
         return Planner(self.images, stream, d, t.seed, targets)
 
-    def _setup_cache(self) -> dict:
-        """Latent / text-embedding lookups from the on-disk cache (main process builds, others wait)."""
-        plan = cache_plan(self.cfg, self.sizes, self.planner.targets)
+    def _setup_cache(self, planner: Planner | None = None, sizes: list[tuple[int, int]] | None = None) -> dict:
+        """Latent / text-embedding lookups from the on-disk cache (main process builds, others wait).
+        Default: the training images; DreamBooth passes its class images."""
+        planner, sizes = planner or self.planner, sizes or self.sizes
+        plan = cache_plan(self.cfg, sizes, planner.targets)
+        self._cache_plans = [*getattr(self, "_cache_plans", []), plan]
         for note in plan.notes:
             self._print(note)
         if not (plan.latents or plan.text):
             return {}
         acc = self.accelerator
         sources = build_caches(
-            plan, self.planner, self.c, self._encode_text, acc.device,
+            plan, planner, self.c, self._encode_text, acc.device,
             build=acc.is_main_process, show_progress=acc.is_main_process,
         )
         acc.wait_for_everyone()
-        self._release_cached_encoders(plan)
         return sources
 
-    def _release_cached_encoders(self, plan) -> None:
+    def _setup_class_examples(self) -> TrainingExamples | None:
+        """DreamBooth prior preservation: the class images (generated with the base model, so before
+        the LoRA exists; main process first, the others then list the same files) and their samples,
+        cached like the training images."""
+        if not (self.dreambooth and self.dreambooth.prior):
+            return None
+        acc, t = self.accelerator, self.cfg.train
+        root = Path(t.cache_dir) if t.cache_dir else default_cache_dir()
+        with acc.main_process_first():
+            images = self.dreambooth.prepare_class_images(
+                self.c, self.weight_dtype, self._fingerprint_base(), root, build=acc.is_main_process
+            )
+        planner = self.dreambooth.class_planner(t.seed)
+        return TrainingExamples(planner, **self._setup_cache(planner, [images.size(i) for i in range(len(images))]))
+
+    def _release_cached_encoders(self) -> None:
         """Free the weights the cache made dead: the VAE encoder once every latent is cached, and
         the VAE decoder and text encoder too when no validation images need them (kohya moves
         cached encoders off the GPU for the same reason). Moved to the meta device rather than
-        deleted, so an accidental use fails loudly instead of silently computing garbage."""
+        deleted, so an accidental use fails loudly instead of silently computing garbage.
+        Every image set's plan counts (DreamBooth's class images have their own)."""
         c, validating = self.c, bool(self.cfg.validation.prompts)
+        plans = self._cache_plans
+        latents, text = all(p.latents for p in plans), all(p.text for p in plans)
         dead = []
-        if plan.latents:
+        if latents:
             dead += [c.vae.encoder, getattr(c.vae, "quant_conv", None)]
             if not validating:
                 dead += [c.vae.decoder, getattr(c.vae, "post_quant_conv", None)]
-        if plan.text and not validating:
+        if text and not validating:
             dead.append(c.text_encoder)
         for module in filter(None, dead):
             module.to("meta")
@@ -381,7 +412,9 @@ class LoraTrainer:
         ]
 
     def _setup_batches(self):
-        examples = TrainingExamples(self.planner, **self.sources)
+        examples, collate_fn = TrainingExamples(self.planner, **self.sources), collate
+        if self.class_examples is not None:  # each instance sample with its class sample
+            examples, collate_fn = PairedExamples(examples, self.class_examples), paired_collate
         acc = self.accelerator
         return iter(
             make_batches(
@@ -390,6 +423,7 @@ class LoraTrainer:
                 batch_size=self.cfg.train.batch_size,
                 num_processes=acc.num_processes,
                 rank=acc.process_index,
+                collate_fn=collate_fn,
             )
         )
 
@@ -443,7 +477,7 @@ class LoraTrainer:
         prediction_type = c.noise_scheduler.config.prediction_type
         target = training_target(c.noise_scheduler, latents, noise, timesteps, prediction_type)
         weights = min_snr_weights(c.noise_scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
-        return diffusion_loss(pred, target, weights)
+        return self.loss_fn(pred, target, weights)
 
     def _latents(self, batch: dict, positions: list[int]) -> torch.Tensor:
         """Scaled latents: a keyed sample of the cached posterior, or of a fresh VAE encode."""
@@ -675,6 +709,7 @@ class LoraTrainer:
             "ss_learning_rate": str(cfg.train.lr),
             "ss_seed": str(cfg.train.seed),
             "ss_num_train_images": str(len(self.images)),
+            "ss_num_reg_images": str(len(self.dreambooth.class_images) if self.class_examples is not None else 0),
             "ss_training_comment": "trained with loracraft",
         }
 

@@ -72,3 +72,33 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tens
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device)
     return per_sample.mean()
+
+
+def prior_preservation_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    n_instance: int,
+    prior_loss_weight: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DreamBooth's objective (Ruiz et al. 2022, eq. 2): instance loss + weight x class ("prior") loss.
+
+    The batch is the instance samples followed by their class samples, as in diffusers'
+    ``train_dreambooth_lora.py`` (``torch.chunk(model_pred, 2)``); each half is averaged on its
+    own, so the prior term keeps its weight whatever the two halves' sizes.
+
+    Args:
+        pred: model output, ``[n_instance + n_class, ...]``.
+        target: what it should be (same shape).
+        n_instance: how many leading samples are instance samples (at least 1, fewer than the batch).
+        prior_loss_weight: weight of the class half's loss.
+        weights: optional per-sample weights (min-SNR), ``[batch]``.
+    """
+    if not 0 < n_instance < pred.shape[0]:
+        raise ValueError(f"n_instance={n_instance} must split a batch of {pred.shape[0]} into two non-empty parts")
+    w_inst = w_prior = None
+    if weights is not None:
+        w_inst, w_prior = weights[:n_instance], weights[n_instance:]
+    instance = diffusion_loss(pred[:n_instance], target[:n_instance], w_inst)
+    prior = diffusion_loss(pred[n_instance:], target[n_instance:], w_prior)
+    return instance + prior_loss_weight * prior
