@@ -673,8 +673,15 @@ VARIANTS: dict[str, Variant] = {
         Variant("b", "loracraft, train.cache=true", lambda s, w: LoracraftRunner(s, w, cache=True)),
         Variant("c", "loracraft, train.cache=false", lambda s, w: LoracraftRunner(s, w, cache=False)),
         Variant("d", "diffusers reference script (re-implemented)", ReferenceRunner),
+        # Issue 7: the same work split over 2 DDP processes (gloo on CPU), the cores shared between
+        # them (threads per process = --threads / 2), so (e)/(b) in samples/s is the scaling figure.
+        Variant("e", "loracraft, train.cache=true, 2 procs (torchrun)",
+                lambda s, w: LoracraftRunner(s, w, cache=True), processes=2),
     )
 }
+
+#: What a plain ``BenchConfig()`` measures; ``quick()`` leaves out the multi-process variant.
+DEFAULT_VARIANTS = ["a", "b", "c", "d", "e"]
 
 
 # ----------------------------------------------------------------------------- workers (process isolation)
@@ -725,8 +732,9 @@ def _children_usage() -> tuple[float, float]:
 class VariantServer:
     """Answers the commands of one variant: setup / run N steps / quit (timed inside the process)."""
 
-    def __init__(self, variant: str, spec: BenchSpec):
+    def __init__(self, variant: str, spec: BenchSpec, fresh: bool = True):
         self.variant, self.spec = variant, spec
+        self.fresh = fresh  # False in the ranks of a multi-process variant: the launcher cleans once
         self.runner: Runner | None = None
         self.children_rss_mb = 0.0  # peak, sampled after setup and after every window
 
@@ -741,7 +749,8 @@ class VariantServer:
                 start_rss = _maxrss_mb()
                 torch.set_num_threads(self.spec.threads)
                 work = Path(self.spec.work_dir) / self.variant
-                shutil.rmtree(work, ignore_errors=True)  # a cold cache and a fresh run every time
+                if self.fresh:
+                    shutil.rmtree(work, ignore_errors=True)  # a cold cache and a fresh run every time
                 work.mkdir(parents=True, exist_ok=True)
                 self.runner = VARIANTS[self.variant].make(self.spec, work)
                 t0 = time.perf_counter()
@@ -834,6 +843,122 @@ class ForkWorker:
             self.proc.join()
 
 
+class TorchrunWorker:
+    """A multi-process variant: ``torchrun --standalone`` starts the ranks (``_rank_main``); each
+    rank connects back to a local listener and answers the same commands as a ``ForkWorker``.
+
+    Every command goes to every rank (DDP steps only finish together); a window's time is the
+    slowest rank's, CPU seconds and peak RSS are summed over ranks.
+    """
+
+    isolated = True
+
+    def __init__(self, variant: str, spec: BenchSpec):
+        import json
+        import subprocess
+        from multiprocessing.connection import Listener
+
+        n = VARIANTS[variant].processes
+        self.variant = variant
+        work = Path(spec.work_dir) / variant
+        shutil.rmtree(work, ignore_errors=True)  # once, before any rank starts
+        self.log = Path(spec.work_dir) / f"{variant}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        secret = os.urandom(16)
+        self.listener = Listener(("127.0.0.1", 0), authkey=secret)
+        rank_spec = replace(spec, threads=max(1, spec.threads // n))  # the cores are shared
+        env = {
+            **os.environ,
+            "LORACRAFT_BENCH_ADDRESS": f"{self.listener.address[0]}:{self.listener.address[1]}",
+            "LORACRAFT_BENCH_AUTHKEY": secret.hex(),
+            "LORACRAFT_BENCH_VARIANT": variant,
+            "LORACRAFT_BENCH_SPEC": json.dumps(asdict(rank_spec)),
+            "OMP_NUM_THREADS": str(rank_spec.threads),
+        }
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                 "-m", "loracraft.train.bench"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.conns = [None] * n
+        for _ in range(n):  # each rank says which it is
+            conn = self._accept()
+            self.conns[conn.recv()["rank"]] = conn
+
+    def _accept(self):
+        import threading
+
+        box: list = []
+        thread = threading.Thread(target=lambda: box.append(self.listener.accept()), daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+            if self.proc.poll() is not None and not box:
+                self._fail(f"torchrun exited with code {self.proc.returncode} before every rank connected")
+        return box[0]
+
+    def _fail(self, what: str):
+        tail = self.log.read_text(errors="replace")[-3000:] if self.log.is_file() else ""
+        raise BenchError(f"variant ({self.variant}) failed: {what}\n--- log tail ---\n{tail}")
+
+    def ask(self, msg: dict) -> dict:
+        for conn in self.conns:
+            conn.send(msg)
+        replies = []
+        for conn in self.conns:
+            try:
+                replies.append(conn.recv())
+            except EOFError:
+                replies.append({"error": f"a rank died (torchrun exit code {self.proc.poll()})"})
+        errors = [r["error"] for r in replies if "error" in r]
+        if errors:
+            self._fail(errors[0])
+        out = dict(replies[0])
+        if msg["cmd"] == "run":
+            out["seconds"] = max(r["seconds"] for r in replies)
+            out["cpu_seconds"] = sum(r["cpu_seconds"] for r in replies)
+        elif msg["cmd"] == "quit":
+            for key in ("peak_rss_mb", "own_peak_rss_mb", "children_peak_rss_mb"):
+                out[key] = sum(r[key] for r in replies)
+        elif msg["cmd"] == "setup":
+            out["start_rss_mb"] = sum(r["start_rss_mb"] for r in replies)
+        return out
+
+    def close(self) -> None:
+        for conn in self.conns:
+            if conn is not None:
+                conn.close()
+        self.listener.close()
+        try:
+            self.proc.wait(timeout=60)
+        except Exception:
+            os.killpg(self.proc.pid, 9)  # its own session: the ranks go with it
+            self.proc.wait()
+
+
+def _rank_main() -> None:
+    """One rank of a ``TorchrunWorker`` variant (``python -m loracraft.train.bench`` under torchrun)."""
+    import json
+    from multiprocessing.connection import Client
+
+    host, port = os.environ["LORACRAFT_BENCH_ADDRESS"].rsplit(":", 1)
+    conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ["LORACRAFT_BENCH_AUTHKEY"]))
+    conn.send({"rank": int(os.environ["RANK"])})
+    spec = BenchSpec(**json.loads(os.environ["LORACRAFT_BENCH_SPEC"]))
+    server = VariantServer(os.environ["LORACRAFT_BENCH_VARIANT"], spec, fresh=False)
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            break
+        reply = server.handle(msg)
+        conn.send(reply)
+        if msg["cmd"] == "quit" or "error" in reply:
+            break
+    conn.close()
+
+
 class InlineWorker:
     """A variant in this process (tests, debugging): same commands; RSS figures are the process's."""
 
@@ -874,7 +999,7 @@ class BenchConfig:
     """One benchmark run. ``quick()`` is the configuration of ``--quick`` and of the test."""
 
     models: list[str] = field(default_factory=lambda: list(MODELS))
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     batch_size: int = 4
     rank: int = 4
     images: int = 32  # dataset size; one epoch = ceil(images / batch_size) steps
@@ -892,7 +1017,7 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **kw) -> BenchConfig:
-        return replace(cls(models=["tiny"], images=8, warmup=1, window=2, rounds=2), **kw)
+        return replace(cls(models=["tiny"], variants=list("abcd"), images=8, warmup=1, window=2, rounds=2), **kw)
 
 
 def _summarize(
@@ -949,6 +1074,13 @@ def ratios(result: dict, spec: BenchSpec) -> dict:
     out["cpu"] = {f"{x}/{y}": v[y]["cpu_ms_per_step"] / v[x]["cpu_ms_per_step"] for x, y in pairs}
     for x, y in [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c")]:
         out.setdefault(f"{x}/{y}", None)
+    out["samples_e/samples_b"] = None
+    if "b" in v and "e" in v:  # issue 7: throughput of 2 processes over 1, the same cores
+        n = v["e"]["processes"] / v["b"]["processes"]  # samples per step, per process batch alike
+        out["samples_e/samples_b"] = v["e"]["samples_per_s"] / v["b"]["samples_per_s"]
+        out["paired"]["samples_e/samples_b"] = statistics.median(
+            n * se / sb for se, sb in zip(v["e"]["window_steps_per_s"], v["b"]["window_steps_per_s"], strict=True)
+        )
     rss = [v.get(k, {}).get("peak_rss_mb") for k in ("b", "d")]
     out["rss_b/rss_d"] = rss[0] / rss[1] if all(rss) else None
     out["cache_cost_s"] = out["uncached_epoch_s"] = out["cache_cost_epoch_fraction"] = None
@@ -1024,7 +1156,10 @@ def measure_model(
     if "a" in cfg.variants:
         prepare_floor_inputs(spec)
     worker_cls = ForkWorker if cfg.isolate else InlineWorker
-    workers = {k: worker_cls(k, spec) for k in cfg.variants}
+    multi = [k for k in cfg.variants if VARIANTS[k].processes > 1]
+    if multi and not cfg.isolate:
+        raise ValueError(f"variant(s) {multi} run several processes: they cannot run in-process")
+    workers = {k: (TorchrunWorker if VARIANTS[k].processes > 1 else worker_cls)(k, spec) for k in cfg.variants}
     try:
         setups = {}
         for k, w in workers.items():  # one at a time: setup times are not contended
@@ -1148,6 +1283,13 @@ def format_report(results: dict) -> str:
         lines.append(
             f"          (c)/(a) {_ratio(q, 'c/a')}   (d)/(a) {_ratio(q, 'd/a')}   (b)/(c) {_ratio(q, 'b/c')}"
         )
+        if q.get("samples_e/samples_b") is not None:
+            e, b = r["variants"]["e"], r["variants"]["b"]
+            lines.append(
+                f"  processes: 2 x {e['settings']['threads']} thread(s) {e['samples_per_s']:.1f} samples/s vs "
+                f"1 x {b['settings']['threads']} thread(s) {b['samples_per_s']:.1f} samples/s -> "
+                f"(e)/(b) {q['samples_e/samples_b']:.2f} (paired {q['paired']['samples_e/samples_b']:.2f})"
+            )
         if q.get("cache_cost_epoch_fraction") is not None:
             lines.append(
                 f"  one-time caching cost: {q['cache_cost_s']:.2f} s = {q['cache_cost_epoch_fraction']:.2f} of one "
@@ -1193,3 +1335,7 @@ def write_json(results: dict, path: str | Path) -> None:
     from loracraft.infer.io import write_json_atomic
 
     write_json_atomic(Path(path), results)
+
+
+if __name__ == "__main__":  # a rank of a multi-process variant, started by TorchrunWorker
+    _rank_main()

@@ -73,6 +73,28 @@ def test_report_and_json(quick_tiny):
     assert json.loads(json.dumps(results))["models"]["tiny"]["ratios"]["b/a"] > 0
 
 
+def test_two_process_variant_measures_throughput_against_one(tiny_sd, tmp_path):
+    """Issue 7's line: (e) = (b) split over 2 torchrun processes sharing the same cores."""
+    cfg = BenchConfig.quick(variants=["b", "e"], threads=2, window=1, rounds=1)
+    r = measure_model(MODELS["tiny"], cfg, tmp_path, log=lambda _m: None, model_dir=tiny_sd)
+    b, e = r["variants"]["b"], r["variants"]["e"]
+    assert e["processes"] == 2 and e["settings"]["threads"] == 1 and b["settings"]["threads"] == 2
+    assert e["samples_per_s"] == pytest.approx(e["steps_per_s"] * cfg.batch_size * 2)
+    assert r["ratios"]["samples_e/samples_b"] == pytest.approx(e["samples_per_s"] / b["samples_per_s"])
+    assert e["lora_tensors"] == b["lora_tensors"] > 0  # both ranks train the same adapter
+    assert e["peak_rss_mb"] > b["start_rss_mb"]  # summed over the two ranks
+    results = {"config": {"rank": 4, "batch_size": 4, "threads": 2}, "models": {"tiny": r}, "machine": {
+        "cpus": 2, "cpu_capability": "x", "torch": "t", "loadavg_before": [0] * 3, "loadavg_after": [0] * 3,
+        "wall_s": 1.0}}
+    assert "processes: 2 x 1 thread(s)" in format_report(results)
+
+
+def test_in_process_mode_refuses_multi_process_variants(tiny_sd, tmp_path):
+    cfg = BenchConfig.quick(variants=["e"], isolate=False)
+    with pytest.raises(ValueError, match="cannot run in-process"):
+        measure_model(MODELS["tiny"], cfg, tmp_path, log=lambda _m: None, model_dir=tiny_sd)
+
+
 def test_in_process_mode_runs_without_rss(tiny_sd, tmp_path):
     cfg = BenchConfig.quick(variants=["a"], threads=1, window=1, rounds=1, isolate=False)
     threads = torch.get_num_threads()
