@@ -780,11 +780,15 @@ def _worker_main(conn, variant: str, spec_dict: dict, log_path: str) -> None:
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    server = VariantServer(variant, BenchSpec(**spec_dict))
+    _serve(conn, VariantServer(variant, BenchSpec(**spec_dict)))
+
+
+def _serve(conn, server: VariantServer) -> None:
+    """Answer commands until quit, an error, or the benchmark process is gone."""
     while True:
         try:
             msg = conn.recv()
-        except EOFError:  # the benchmark process is gone: nothing left to answer
+        except EOFError:
             break
         reply = server.handle(msg)
         conn.send(reply)
@@ -946,17 +950,7 @@ def _rank_main() -> None:
     conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ["LORACRAFT_BENCH_AUTHKEY"]))
     conn.send({"rank": int(os.environ["RANK"])})
     spec = BenchSpec(**json.loads(os.environ["LORACRAFT_BENCH_SPEC"]))
-    server = VariantServer(os.environ["LORACRAFT_BENCH_VARIANT"], spec, fresh=False)
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            break
-        reply = server.handle(msg)
-        conn.send(reply)
-        if msg["cmd"] == "quit" or "error" in reply:
-            break
-    conn.close()
+    _serve(conn, VariantServer(os.environ["LORACRAFT_BENCH_VARIANT"], spec, fresh=False))
 
 
 class InlineWorker:
