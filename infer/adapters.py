@@ -33,6 +33,7 @@ import torch
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.formats import (
     LoraAdapter,
+    adapter_family,
     build_lora_config,
     file_sha256,
     model_module_table,
@@ -150,6 +151,25 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
+_FAMILY_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL"}
+
+
+def _check_family(pipe, adapter: LoraAdapter, where: str) -> None:
+    """An SDXL adapter on an SD1 base (or the reverse) gets one clear line before any shape talk."""
+    from loracraft.infer.models import model_family
+
+    made_for = adapter_family(adapter)
+    base = model_family(pipe)
+    if made_for is not None and made_for != base:
+        example = (
+            "stabilityai/stable-diffusion-xl-base-1.0" if made_for == "sdxl" else "runwayml/stable-diffusion-v1-5"
+        )
+        raise AdapterError(
+            f"{_FAMILY_NAMES[made_for]} adapter on an {_FAMILY_NAMES[base]} base, {where}, "
+            f"load it on an {_FAMILY_NAMES[made_for]} base (e.g. {example}) or use an adapter trained for this base"
+        )
+
+
 def check_fit(pipe, adapter: LoraAdapter, where: str = "adapter") -> dict[str, dict[str, str]]:
     """Check every module of ``adapter`` exists in ``pipe`` with matching shapes.
 
@@ -160,6 +180,7 @@ def check_fit(pipe, adapter: LoraAdapter, where: str = "adapter") -> dict[str, d
         AdapterError: naming the first missing module, or the first module whose shapes do not
             fit (with the base weight shape and the adapter's implied shape).
     """
+    _check_family(pipe, adapter, where)
     mapping: dict[str, dict[str, str]] = {}
     missing: list[str] = []
     total = adapter.num_modules
@@ -353,7 +374,13 @@ def load_adapter(
     name = name or _default_name(file, set(reg))
     if name in reg:
         raise UsageError(f"adapter name {name!r} is already loaded, {file}, pick another name")
-    adapter = read_lora(file, allow_pickle=allow_pickle, module_names=_module_tables(pipe))
+    layers = getattr(getattr(pipe, "unet", None), "config", {}).get("layers_per_block", 2)
+    adapter = read_lora(
+        file,
+        allow_pickle=allow_pickle,
+        module_names=_module_tables(pipe),
+        unet_layers_per_block=layers if isinstance(layers, int) else 2,
+    )
     mapping = check_fit(pipe, adapter, where=str(file))
     try:
         _inject(pipe, adapter, mapping, name)

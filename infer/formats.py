@@ -193,6 +193,7 @@ def read_lora(
     *,
     allow_pickle: bool = False,
     module_names: dict[str, dict[str, str]] | None = None,
+    unet_layers_per_block: int = 2,
 ) -> LoraAdapter:
     """Read a LoRA file in either format (detected from its keys).
 
@@ -202,6 +203,8 @@ def read_lora(
         allow_pickle: permit pickle-based files, which can execute code when loaded.
         module_names: per component, ``{underscored name: dotted module path}`` of the model the
             adapter will be applied to; resolves kohya names exactly instead of by rule.
+        unet_layers_per_block: the target UNet's ``layers_per_block``, to number kohya SGM blocks
+            (SDXL's 2 when unknown: only SDXL files use the SGM layout).
 
     Raises:
         AdapterError: missing file, damaged header, pickle refused, unknown layout.
@@ -215,7 +218,9 @@ def read_lora(
         raise AdapterError(f"adapter file holds no tensors, {file}, re-export it")
     fmt = detect_format(tensors.keys(), where=str(file))
     if fmt == "kohya":
-        adapter = parse_kohya_state(tensors, header, module_names=module_names, where=str(file))
+        adapter = parse_kohya_state(
+            tensors, header, module_names=module_names, where=str(file), unet_layers_per_block=unet_layers_per_block
+        )
     else:
         adapter = parse_diffusers_state(tensors, header, where=str(file))
     adapter.path = file
@@ -274,6 +279,33 @@ def _unsupported(key: str, where: str) -> AdapterError | None:
 def _alpha_value(t: torch.Tensor) -> float:
     v = float(t.detach().to(torch.float64).reshape(-1)[0].item())
     return int(v) if v.is_integer() else v
+
+
+#: Values of kohya's ``ss_base_model_version`` header for SDXL (sd-scripts ``train_network.py``).
+_SDXL_VERSION_PREFIX = "sdxl"
+#: Our own header key naming the model family an adapter was trained on.
+FAMILY_METADATA_KEY = "loracraft.model_family"
+_MULTI_LAYER_TRANSFORMER = re.compile(r"\.transformer_blocks\.[1-9]")
+
+
+def adapter_family(adapter: LoraAdapter) -> str | None:
+    """``"sdxl"``, ``"sd"`` (SD1.x/2.x) or ``None`` when nothing tells.
+
+    Evidence, most explicit first: our ``loracraft.model_family`` header, kohya's
+    ``ss_base_model_version``, a second text encoder (only SDXL has one), and UNet modules in a
+    second transformer layer of a block (SD1/SD2 have one layer per block; SDXL has 2 and 10).
+    """
+    meta = adapter.metadata
+    if meta.get(FAMILY_METADATA_KEY) in ("sd", "sdxl"):
+        return meta[FAMILY_METADATA_KEY]
+    version = str(meta.get("ss_base_model_version", ""))
+    if version:
+        return "sdxl" if version.startswith(_SDXL_VERSION_PREFIX) else "sd"
+    if "text_encoder_2" in adapter.modules:
+        return "sdxl"
+    if any(_MULTI_LAYER_TRANSFORMER.search(path) for path in adapter.modules.get("unet", {})):
+        return "sdxl"
+    return None
 
 
 # -- diffusers / PEFT -------------------------------------------------------------------------
@@ -503,13 +535,67 @@ def _kohya_component(lora_name: str) -> tuple[str, str]:
     raise AssertionError(lora_name)  # detect_format guarantees a prefix
 
 
+_SGM_BLOCKS = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_\d")
+_DIFFUSERS_BLOCKS = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
+
+
+def sgm_unet_names_to_diffusers(
+    lora_names: list[str], layers_per_block: int = 2, where: str = "state dict"
+) -> dict[str, str]:
+    """``{kohya SGM module name: diffusers UNet module path}``; empty when the names are not SGM.
+
+    kohya trains SDXL on its own copy of Stability's (SGM) UNet, so its files name modules
+    ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``; the same module is
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` in diffusers. The renaming is
+    diffusers' own (``_maybe_map_sgm_blocks_to_diffusers`` for the block numbering, then
+    ``_convert_unet_lora_key`` for the layer names), run on the names only; tensors stay ours.
+    """
+    from types import SimpleNamespace
+
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_unet_lora_key,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+
+    sgm = [n for n in lora_names if _SGM_BLOCKS.match(n)]
+    if not sgm:
+        return {}
+    mixed = [n for n in lora_names if _DIFFUSERS_BLOCKS.match(n)]
+    if mixed:
+        raise AdapterError(
+            f"adapter mixes SGM (input_blocks/output_blocks) and diffusers (down_blocks/up_blocks) UNet names "
+            f"(e.g. {sgm[0]} and {mixed[0]}), {where}, re-export it in one layout"
+        )
+    probe = {f"{n}.lora_down.weight": n for n in lora_names}
+    try:
+        mapped = _maybe_map_sgm_blocks_to_diffusers(probe, SimpleNamespace(layers_per_block=layers_per_block))
+    except (ValueError, IndexError) as e:
+        raise AdapterError(
+            f"cannot map kohya SGM UNet names to diffusers ({e}), {where}, check it is an SDXL LoRA"
+        ) from e
+    out: dict[str, str] = {}
+    for key, original in mapped.items():
+        parsed = _parse_diffusers_key(_convert_unet_lora_key(key), "unet")
+        if parsed is None:
+            raise AdapterError(f"cannot map kohya SGM UNet module {original}, {where}, report this with the file")
+        out[original] = parsed[0]
+    return out
+
+
 def parse_kohya_state(
     tensors: dict[str, torch.Tensor],
     header: dict[str, str] | None = None,
     module_names: dict[str, dict[str, str]] | None = None,
     where: str = "state dict",
+    unet_layers_per_block: int = 2,
 ) -> LoraAdapter:
-    """Parse a kohya/A1111 state dict; a module without ``.alpha`` gets alpha = rank (kohya's rule)."""
+    """Parse a kohya/A1111 state dict; a module without ``.alpha`` gets alpha = rank (kohya's rule).
+
+    UNet names may use the diffusers layout (``lora_unet_down_blocks_1_attentions_0_...``) or, as
+    kohya's SDXL trainer writes them, the original SGM layout (``lora_unet_input_blocks_4_1_...``),
+    which :func:`sgm_unet_names_to_diffusers` maps with diffusers' own converters
+    (``unet_layers_per_block`` is the base UNet's ``layers_per_block``: 2 on SDXL).
+    """
     header = dict(header or {})
     configs = parse_lora_adapter_metadata({LORA_ADAPTER_METADATA_KEY: header.pop(KOHYA_CONFIG_KEY, "")})
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -525,13 +611,16 @@ def parse_kohya_state(
             )
         parts.setdefault(lora_name, {})[kind] = value
     modules: dict[str, dict[str, LoraModule]] = {}
+    sgm = sgm_unet_names_to_diffusers(
+        [n for n in parts if n.startswith("lora_unet_")], unet_layers_per_block, where
+    )
     for lora_name, p in parts.items():
         if "down" not in p or "up" not in p:
             missing = "lora_up" if "down" in p else "lora_down"
             raise AdapterError(f"kohya module {lora_name} has no {missing}.weight, {where}, re-export it")
         component, flat = _kohya_component(lora_name)
         table = (module_names or {}).get(component, {})
-        path = table.get(flat) or kohya_name_to_module(flat)
+        path = sgm.get(lora_name) or table.get(flat) or kohya_name_to_module(flat)
         if component.startswith("text_encoder"):
             path = _canonical_te_path(path)
         rank = int(p["down"].shape[0])
@@ -631,7 +720,7 @@ def to_diffusers_state(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], d
 
 def _kohya_prefixes(adapter: LoraAdapter) -> dict[str, str]:
     # kohya-ss/sd-scripts networks/lora.py: SD1/2 text encoder "lora_te_", SDXL "lora_te1_"/"lora_te2_".
-    sdxl = "text_encoder_2" in adapter.modules
+    sdxl = adapter_family(adapter) == "sdxl"
     return {
         "unet": "lora_unet_",
         "text_encoder": "lora_te1_" if sdxl else "lora_te_",
@@ -648,7 +737,7 @@ def kohya_metadata(adapter: LoraAdapter) -> dict[str, str]:
     meta["ss_network_dim"] = str(_most_common(ranks))
     meta["ss_network_alpha"] = str(_most_common(alphas))
     meta.setdefault("ss_network_args", json.dumps({}))
-    if "text_encoder_2" in adapter.modules:
+    if adapter_family(adapter) == "sdxl":
         meta.setdefault("ss_base_model_version", "sdxl_base_v1-0")
     else:
         meta.setdefault("ss_base_model_version", "sd_v1")
@@ -765,6 +854,8 @@ def save_diffusers_lora(
     extra_metadata: dict[str, str] | None = None,
     text_encoder_state: dict[str, torch.Tensor] | None = None,
     text_encoder_lora_config: dict | None = None,
+    text_encoder_2_state: dict[str, torch.Tensor] | None = None,
+    text_encoder_2_lora_config: dict | None = None,
 ) -> Path:
     """Write an adapter that plain ``pipe.load_lora_weights(dir)`` loads with the trained alpha.
 
@@ -786,14 +877,20 @@ def save_diffusers_lora(
         text_encoder_state: likewise for the text encoder (keys get the classic ``text_model.``
             path, which diffusers maps onto both old and flattened CLIP classes).
         text_encoder_lora_config: its ``LoraConfig.to_dict()``.
+        text_encoder_2_state: SDXL's second text encoder, saved under ``text_encoder_2.`` with its
+            config as ``text_encoder_2.<key>`` (``StableDiffusionXLPipeline.save_lora_weights``'s layout).
+        text_encoder_2_lora_config: its ``LoraConfig.to_dict()``.
     """
     tensors = _peft_spelling(unet_state, "unet")
     adapter_meta = {f"unet.{k}": v for k, v in _jsonable_lora_config(unet_lora_config).items()}
-    if text_encoder_state:
-        tensors.update(_peft_spelling(text_encoder_state, "text_encoder"))
-        if text_encoder_lora_config:
-            te = _jsonable_lora_config(text_encoder_lora_config)
-            adapter_meta.update({f"text_encoder.{k}": v for k, v in te.items()})
+    for component, state, config in (
+        ("text_encoder", text_encoder_state, text_encoder_lora_config),
+        ("text_encoder_2", text_encoder_2_state, text_encoder_2_lora_config),
+    ):
+        if state:
+            tensors.update(_peft_spelling(state, component))
+            if config:
+                adapter_meta.update({f"{component}.{k}": v for k, v in _jsonable_lora_config(config).items()})
     metadata = {"format": "pt", **(extra_metadata or {})}
     metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter_meta, indent=2, sort_keys=True)
     tensors = _contiguous(tensors)

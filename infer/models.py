@@ -26,6 +26,9 @@ __all__ = [
     "vae_scale_factor",
     "unet_downsample_factor",
     "size_multiple",
+    "model_family",
+    "folder_family",
+    "pipeline_class",
 ]
 
 _INFO_ATTR = "_loracraft_base"
@@ -70,6 +73,45 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         raise UsageError(f"unknown dtype {dtype!r}, --dtype, use one of float32, float16, bfloat16") from None
 
 
+#: Pipeline classes (model_index.json ``_class_name``) of the SDXL family; every other Stable
+#: Diffusion class is SD1.x/2.x ("sd"). Img2img/inpaint variants share components and LoRA keys.
+SDXL_PIPELINES = (
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+)
+
+
+def folder_family(path: str | Path) -> str:
+    """``"sdxl"`` or ``"sd"`` from a diffusers folder's ``model_index.json`` ``_class_name``.
+
+    The class name is what diffusers itself dispatches on (``DiffusionPipeline.from_pretrained``),
+    so we read the same field instead of guessing from component shapes.
+    """
+    import json
+
+    index = Path(path) / "model_index.json"
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"cannot read model_index.json ({_first_line(e)}), {index}, re-save the model with save_pretrained"
+        ) from e
+    return "sdxl" if name in SDXL_PIPELINES else "sd"
+
+
+def model_family(pipe) -> str:
+    """``"sdxl"`` for SDXL pipelines (two text encoders, micro-conditioning), else ``"sd"``."""
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def pipeline_class(family: str):
+    """The text-to-image pipeline class of a family (``from_single_file`` needs the concrete class)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -101,8 +143,6 @@ def _load_folder(path: Path, *, variant, dtype, revision):
 
 
 def _load_single_file(path: Path, *, config, dtype, allow_pickle):
-    from diffusers import StableDiffusionPipeline
-
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelError(
@@ -125,8 +165,10 @@ def _load_single_file(path: Path, *, config, dtype, allow_pickle):
             f"--base-config is not a diffusers folder (no model_index.json), {config}, pass the config folder "
             "of the same architecture"
         )
+    # An SDXL checkpoint must be read by the XL class: the SD1 class has no second text encoder.
+    cls = pipeline_class(folder_family(config))
     try:
-        return StableDiffusionPipeline.from_single_file(
+        return cls.from_single_file(
             str(path), config=str(config), dtype=dtype, local_files_only=True
         )
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for a bad checkpoint

@@ -14,7 +14,15 @@ import torch
 
 from loracraft.infer.scenes import COLOURS, SHAPES, write_captioned_dataset
 
-__all__ = ["build_tokenizer", "build_tiny_sd", "write_captioned_dataset", "toy_base_path", "TINY_SD_SHAPE"]
+__all__ = [
+    "build_tokenizer",
+    "build_tiny_sd",
+    "build_tiny_sdxl",
+    "write_captioned_dataset",
+    "toy_base_path",
+    "TINY_SD_SHAPE",
+    "TINY_SDXL_SHAPE",
+]
 
 #: Words that become single tokens; everything else falls back to byte-level characters.
 BASE_WORDS = (
@@ -156,6 +164,120 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, prediction_type: str = "ep
     )
     pipe.save_pretrained(str(out))
     # Trainers read the noise schedule as a DDPMScheduler; make sure that config round-trips.
+    DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    return out
+
+
+#: Shapes of the tiny SDXL model. The two text encoders have *different* widths (and the pooled
+#: projection a third one) so a swapped concatenation or the wrong pooled tensor is a shape error,
+#: not a silent mistake. Same 32 px / multiple-of-4 geometry as the SD1 model.
+TINY_SDXL_SHAPE = dict(
+    unet_channels=(32, 64),
+    vae_channels=(32, 64),
+    text_hidden=32,
+    text_hidden_2=48,
+    projection_dim=40,
+    text_layers=3,
+    addition_time_embed_dim=8,
+    sample_size=32,
+)
+
+
+def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build a random-initialised SDXL-architecture pipeline in diffusers format.
+
+    The layout follows ``stabilityai/stable-diffusion-xl-base-1.0`` in miniature (diffusers' own
+    SDXL test components are the model): a ``DownBlock2D`` then cross-attention blocks with
+    ``layers_per_block=2`` (so kohya's SGM block numbering ``input_blocks_4_1`` maps exactly as on
+    the real model), linear ``proj_in``, ``addition_embed_type="text_time"`` micro-conditioning,
+    ``CLIPTextModel`` + ``CLIPTextModelWithProjection`` whose penultimate hidden states are
+    concatenated (``cross_attention_dim`` = sum of both widths), the pooled projection plus six
+    size/crop numbers feeding ``add_embedding``, an ``AutoencoderKL`` with SDXL's scaling factor
+    0.13025, and SDXL's ``EulerDiscreteScheduler`` settings.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    out = Path(out_dir)
+    s = TINY_SDXL_SHAPE
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=s["sample_size"] // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=s["unet_channels"],
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=s["text_hidden"] + s["text_hidden_2"],
+        addition_embed_type="text_time",
+        addition_time_embed_dim=s["addition_time_embed_dim"],
+        # pooled text_encoder_2 projection + (original size, crop top-left, target size), 2 numbers each
+        projection_class_embeddings_input_dim=s["projection_dim"] + 6 * s["addition_time_embed_dim"],
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=s["vae_channels"],
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=s["sample_size"],
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    tokenizer = build_tokenizer(out / "tokenizer")
+    tokenizer_2 = build_tokenizer(out / "tokenizer_2")
+
+    def clip_config(hidden: int, **extra) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=s["text_layers"],
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **extra,
+        )
+
+    text_encoder = CLIPTextModel(clip_config(s["text_hidden"]))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(s["text_hidden_2"], projection_dim=s["projection_dim"]))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(str(out))
     DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")
     return out
 

@@ -24,6 +24,14 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A random-initialised SDXL-architecture model (two text encoders, text_time conditioning)."""
+    from loracraft.infer.testing import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """Eight 32 px captioned scenes in the imagefolder + metadata.jsonl layout."""
     from loracraft.infer.testing import write_captioned_dataset

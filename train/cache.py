@@ -11,7 +11,8 @@ same loss. With ``data.random_flip`` both the plain and mirrored variant are cac
 
 Layout: one small safetensors file per entry, ``<root>/latents/ab/abcdef....safetensors``,
 named by a content hash of everything that determines it — (image bytes, size, crop, flip,
-VAE weights fingerprint, dtype) or (caption, tokenizer + text-encoder fingerprint). So:
+VAE weights fingerprint, dtype) or (caption, tokenizer + text-encoder fingerprints; SDXL entries
+also hold the pooled embedding and are keyed as a different kind). So:
 changing an input invalidates exactly the affected entries; files are written atomically
 (temp + rename), so a cache killed mid-way holds only complete entries and a rerun computes
 the rest; entries are read on demand (memory-mapped by safetensors), so datasets larger than
@@ -179,28 +180,46 @@ def build_caches(plan: CachePlan, planner, components, encode_text, device, buil
 
         sources["latent_lookup"] = latent_lookup
     if plan.text:
-        tok = components.tokenizer
-        te_fp = module_fingerprint(
-            components.text_encoder, extra=entry_key(sorted(tok.get_vocab().items()), tok.model_max_length)
-        )
+        kind, te_fp = text_fingerprint(components)
         captions = sorted({images.caption(i) for i in range(len(images))} | {""})
-        keys = [entry_key("text", c, te_fp) for c in captions]
+        keys = [entry_key(kind, c, te_fp) for c in captions]
         text_store = TensorCache(plan.root / "text")
 
         @torch.no_grad()
         def encode_captions(chunk: list[int]):
-            hidden = encode_text([captions[j] for j in chunk])
-            return [{"hidden": hidden[k].float()} for k in range(len(chunk))]
+            enc = encode_text([captions[j] for j in chunk])
+            return [{name: t[k].float() for name, t in enc.items()} for k in range(len(chunk))]
 
         if build:
             text_store.fill(keys, encode_captions, 16, "caching text embeddings", not show_progress)
         by_caption = dict(zip(captions, keys, strict=True))
 
-        def text_lookup(caption: str) -> torch.Tensor:
-            return text_store.get(by_caption[caption])["hidden"]
+        def text_lookup(caption: str) -> dict[str, torch.Tensor]:
+            t = text_store.get(by_caption[caption])
+            out = {"text_embeds": t["hidden"]}
+            if "pooled" in t:
+                out["pooled_text_embeds"] = t["pooled"]
+            return out
 
         sources["text_lookup"] = text_lookup
     return sources
+
+
+def text_fingerprint(components) -> tuple[str, str]:
+    """(entry kind, fingerprint) of the prompt encoder: every tokenizer and text encoder in use.
+
+    SDXL entries hold two tensors (concatenated hidden states and the pooled projection) and
+    get their own kind, ``text-sdxl``, so an SD1 entry can never be read as an SDXL one even if
+    someone built both from the same first text encoder.
+    """
+    pairs = [(components.tokenizer, components.text_encoder)]
+    if getattr(components, "text_encoder_2", None) is not None:
+        pairs.append((components.tokenizer_2, components.text_encoder_2))
+    fps = [
+        module_fingerprint(te, extra=entry_key(sorted(tok.get_vocab().items()), tok.model_max_length))
+        for tok, te in pairs
+    ]
+    return ("text" if len(pairs) == 1 else "text-sdxl"), "|".join(fps)
 
 
 def _fill_grouped(store: TensorCache, keys: list[str], compute, groups: list, desc: str, show: bool) -> None:

@@ -42,6 +42,18 @@ class Components:
     unet: torch.nn.Module
     noise_scheduler: object
     inference_scheduler: object = None
+    #: SDXL only: the second tokenizer and ``CLIPTextModelWithProjection`` (None on SD1.x/2.x).
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def family(self) -> str:
+        """``"sdxl"`` (two text encoders, size micro-conditioning) or ``"sd"`` (SD1.x/2.x)."""
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
 
     @property
     def vae_factor(self) -> int:
@@ -55,14 +67,21 @@ class Components:
 
 def load_components(base: str, revision: str | None = None, variant: str | None = None) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     check_base(base)
     kw = dict(revision=revision)
+    tokenizer_2 = text_encoder_2 = None
     try:
+        sdxl = base_family(base, revision) == "sdxl"
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw)
         noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=variant, **kw)
+        if sdxl:  # as train_text_to_image_lora_sdxl.py loads them
+            tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **kw)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                base, subfolder="text_encoder_2", variant=variant, **kw
+            )
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=variant, **kw)
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=variant, **kw)
         inference_scheduler = _pipeline_scheduler(base, kw)
@@ -72,10 +91,24 @@ def load_components(base: str, revision: str | None = None, variant: str | None 
             f"cannot load the base model, {base}, check model.base/revision/variant "
             f"(and network access for hub ids): {first}"
         ) from e
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-        module.float()  # fp16-stored weights (e.g. the toy base) are upcast; see freeze_and_cast
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, inference_scheduler)
+    for module in (text_encoder, text_encoder_2, vae, unet):
+        if module is not None:
+            module.requires_grad_(False)
+            module.float()  # fp16-stored weights (e.g. the toy base) are upcast; see freeze_and_cast
+    return Components(
+        tokenizer, text_encoder, vae, unet, noise_scheduler, inference_scheduler, tokenizer_2, text_encoder_2
+    )
+
+
+def base_family(base: str, revision: str | None = None) -> str:
+    """``"sdxl"`` or ``"sd"`` from the base's ``model_index.json`` (local folder or hub cache),
+    the field diffusers itself dispatches pipelines on."""
+    from diffusers import DiffusionPipeline
+
+    from loracraft.infer.models import SDXL_PIPELINES
+
+    index = DiffusionPipeline.load_config(base, revision=revision)
+    return "sdxl" if index.get("_class_name") in SDXL_PIPELINES else "sd"
 
 
 def _pipeline_scheduler(base: str, kw: dict):
@@ -89,10 +122,11 @@ def _pipeline_scheduler(base: str, kw: dict):
 
 def freeze_and_cast(c: Components, weight_dtype: torch.dtype) -> None:
     """Frozen parts run in the weight dtype; the LoRA parameters added later stay fp32."""
-    for module in (c.text_encoder, c.vae, c.unet):
+    for module in (*c.text_encoders, c.vae, c.unet):
         module.requires_grad_(False)
         module.eval()
-    c.text_encoder.to(dtype=weight_dtype)
+    for module in c.text_encoders:
+        module.to(dtype=weight_dtype)
     c.unet.to(dtype=weight_dtype)
     # The VAE stays fp32: fp16 VAEs overflow to NaN latents (SDXL especially) and it runs once per image.
 
@@ -119,3 +153,22 @@ def fingerprint_base(base: str) -> str:
                 fh.seek(-(1 << 20), 2)
                 h.update(fh.read())
     return h.hexdigest()
+
+
+def inference_pipeline(c: Components, unet: torch.nn.Module, text_encoder=None, text_encoder_2=None):
+    """A diffusers text-to-image pipeline of the base's family built from the loaded parts
+    (validation generates with the weights being trained, no reload)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    common = dict(
+        vae=c.vae, text_encoder=text_encoder or c.text_encoder, tokenizer=c.tokenizer, unet=unet,
+        scheduler=c.inference_scheduler,
+    )
+    if c.family == "sdxl":
+        return StableDiffusionXLPipeline(
+            **common, text_encoder_2=text_encoder_2 or c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+            add_watermarker=False,
+        )
+    return StableDiffusionPipeline(
+        **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )

@@ -80,7 +80,15 @@ class CaptionedImages:
         return self.items[i].caption
 
     def size(self, i: int) -> tuple[int, int]:
-        """(width, height) as trained, i.e. after EXIF rotation, from the header only."""
+        """(width, height) as trained, i.e. after EXIF rotation, from the header only (memoised:
+        SDXL's size conditioning asks for it on every sample)."""
+        if not hasattr(self, "_sizes"):
+            self._sizes: dict[int, tuple[int, int]] = {}
+        if i not in self._sizes:
+            self._sizes[i] = self._read_size(i)
+        return self._sizes[i]
+
+    def _read_size(self, i: int) -> tuple[int, int]:
         item = self.items[i]
         src = item.path if item.path is not None else io.BytesIO(self.image_bytes(i))
         try:
@@ -344,6 +352,33 @@ def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tupl
 
 
 # ----------------------------------------------------------------------------- transforms
+def cover_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(w, h) an image of ``size`` is resized to so that it covers ``target`` (aspect kept)."""
+    (w, h), (tw, th) = size, target
+    scale = max(tw / w, th / h)
+    return max(tw, round(w * scale)), max(th, round(h * scale))
+
+
+def size_conditioning(
+    size: tuple[int, int], target: tuple[int, int], crop: tuple[int, int] | None, flip: bool
+) -> torch.Tensor:
+    """``(original h, original w, crop top, crop left, target h, target w)`` of one sample.
+
+    These are SDXL's micro-conditioning numbers (``add_time_ids``, Podell et al. 2023, sec. 2.2),
+    in the (height, width) / (top, left) order of diffusers' ``train_text_to_image_lora_sdxl.py``
+    and kohya's ``original_sizes_hw`` / ``crop_top_lefts`` / ``target_sizes_hw``. ``crop`` is the
+    (top, left) offset in the resized image (``None``: the centred crop the cached path uses);
+    with ``flip`` the left offset is measured in the mirrored image the model actually sees, as
+    both reference trainers do.
+    """
+    (w, h), (tw, th) = size, target
+    nw, nh = cover_size(size, target)
+    top, left = crop if crop is not None else ((nh - th) // 2, (nw - tw) // 2)
+    if flip:
+        left = nw - tw - left
+    return torch.tensor([h, w, top, left, th, tw], dtype=torch.long)
+
+
 def resize_and_crop(
     img: Image.Image, target: tuple[int, int] | int, center_crop: bool, gen: torch.Generator | None
 ) -> tuple[Image.Image, tuple[int, int]]:
@@ -354,8 +389,7 @@ def resize_and_crop(
     """
     tw, th = (target, target) if isinstance(target, int) else target
     w, h = img.size
-    scale = max(tw / w, th / h)
-    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    nw, nh = cover_size((w, h), (tw, th))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
     if center_crop or gen is None:
@@ -448,7 +482,8 @@ class TrainingExamples(torch.utils.data.Dataset):
                 self.planner.images, p.index, p.target, center, p.flip, crop_gen
             )
         if self.text_lookup is not None:
-            out["text_embeds"] = self.text_lookup(p.caption)
+            out.update(self.text_lookup(p.caption))
+        out["size_cond"] = size_conditioning(self.planner.images.size(p.index), p.target, out.get("crop"), p.flip)
         return out
 
 
@@ -457,7 +492,7 @@ def collate(batch: list[dict]) -> dict:
         "captions": [b["caption"] for b in batch],
         "positions": torch.tensor([b["position"] for b in batch], dtype=torch.long),
     }
-    for key in ("pixel_values", "latent_mean", "latent_std", "text_embeds"):
+    for key in ("pixel_values", "latent_mean", "latent_std", "text_embeds", "pooled_text_embeds", "size_cond"):
         if key in batch[0]:
             out[key] = torch.stack([b[key] for b in batch])
     return out

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loracraft.infer.errors import ConfigError, LoracraftError, UsageError
-from loracraft.infer.formats import LORA_WEIGHT_NAME, save_diffusers_lora, tensors_sha256
+from loracraft.infer.formats import FAMILY_METADATA_KEY, LORA_WEIGHT_NAME, save_diffusers_lora, tensors_sha256
 from loracraft.infer.io import write_json_atomic, write_text_atomic
 from loracraft.train import checkpoint as ckpt
 from loracraft.train.cache import build_caches, cache_plan, default_cache_dir
@@ -28,8 +28,10 @@ from loracraft.train.components import (
     check_base,
     fingerprint_base,
     freeze_and_cast,
+    inference_pipeline,
     load_components,
 )
+from loracraft.train.conditioning import conditioning_for
 from loracraft.train.config import Config, config_diff, normalize_training
 from loracraft.train.data import (
     BucketedStream,
@@ -112,11 +114,12 @@ class LoraTrainer:
         self._release_cached_encoders()
         self.lora_config = inject_lora(self.c.unet, self.cfg.lora)
         self.te_lora_config = inject_text_encoder_lora(self.c.text_encoder, self.cfg.lora)
+        self.te2_lora_config = inject_text_encoder_lora(self.c.text_encoder_2, self.cfg.lora)  # SDXL only
         self.trainables = self._setup_trainables()
         self.optimizer = self._setup_optimizer()
         self.lr_scheduler = self._setup_lr_scheduler()
         self.ema = self._setup_ema()
-        self.unet, self.text_encoder, self.optimizer = self._prepare()
+        self.unet, self.text_encoder, self.text_encoder_2, self.optimizer = self._prepare()
         self.step = self._setup_resume()
         self.batches = self._setup_batches()
         self._setup_logging()
@@ -248,19 +251,20 @@ class LoraTrainer:
         freeze_and_cast(c, weight_dtype)
         # Stored once: diffusers' `unet.dtype` walks every module (~10 ms per call on SD1.5).
         self.weight_dtype = weight_dtype
+        self.conditioning = conditioning_for(c.family)  # prompt encoding + UNet inputs (SD1 or SDXL)
         device = self.accelerator.device
-        for module in (c.unet, c.vae, c.text_encoder):
+        for module in (c.unet, c.vae, *c.text_encoders):
             module.to(device)
         if self.cfg.train.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
         return c
 
     def _setup_trainables(self) -> dict[str, torch.nn.Parameter]:
-        """Name -> LoRA parameter; text-encoder ones are prefixed ``text_encoder.``."""
+        """Name -> LoRA parameter; text-encoder ones are prefixed ``text_encoder.`` (``text_encoder_2.``)."""
         trainables = {n: p for n, p in self.c.unet.named_parameters() if p.requires_grad}
-        trainables.update(
-            {f"text_encoder.{n}": p for n, p in self.c.text_encoder.named_parameters() if p.requires_grad}
-        )
+        for prefix, te in (("text_encoder", self.c.text_encoder), ("text_encoder_2", self.c.text_encoder_2)):
+            if te is not None:
+                trainables.update({f"{prefix}.{n}": p for n, p in te.named_parameters() if p.requires_grad})
         for p in trainables.values():
             p.data = p.data.float()  # LoRA weights in fp32 even under mixed precision
         return trainables
@@ -275,11 +279,14 @@ class LoraTrainer:
 
     def _prepare(self):
         """accelerate-wrap the trained models (DDP refuses a model with nothing to train)."""
-        acc = self.accelerator
+        acc, c = self.accelerator, self.c
         if self.te_lora_config is None:
-            unet, optimizer = acc.prepare(self.c.unet, self.optimizer)
-            return unet, self.c.text_encoder, optimizer
-        return acc.prepare(self.c.unet, self.c.text_encoder, self.optimizer)
+            unet, optimizer = acc.prepare(c.unet, self.optimizer)
+            return unet, c.text_encoder, c.text_encoder_2, optimizer
+        if c.text_encoder_2 is None:
+            unet, te, optimizer = acc.prepare(c.unet, c.text_encoder, self.optimizer)
+            return unet, te, None, optimizer
+        return acc.prepare(c.unet, c.text_encoder, c.text_encoder_2, self.optimizer)
 
     def _setup_lr_scheduler(self):
         from diffusers.optimization import get_scheduler
@@ -473,7 +480,7 @@ class LoraTrainer:
         )
         noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = self.unet(noisy, timesteps, text).sample
+        pred = self.unet(noisy, timesteps, **self.conditioning.unet_kwargs(text, batch.get("size_cond"))).sample
         prediction_type = c.noise_scheduler.config.prediction_type
         target = training_target(c.noise_scheduler, latents, noise, timesteps, prediction_type)
         weights = min_snr_weights(c.noise_scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
@@ -491,17 +498,19 @@ class LoraTrainer:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).to(self.weight_dtype)
 
-    def _text(self, batch: dict) -> torch.Tensor:
+    def _text(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``{"text_embeds": ..., ["pooled_text_embeds": ...]}`` from the cache or the encoder(s)."""
         if "text_embeds" in batch:
-            return batch["text_embeds"].to(self.accelerator.device, self.weight_dtype)
+            return {k: batch[k].to(self.accelerator.device, self.weight_dtype) for k in self.conditioning.text_keys}
         return self._encode_text(batch["captions"])
 
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        tok = self.c.tokenizer
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        # Before setup() prepares it (cache building), the plain module; afterwards the prepared one.
-        text_encoder = getattr(self, "text_encoder", self.c.text_encoder)
-        return text_encoder(ids.input_ids.to(self.accelerator.device))[0]
+    def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        c = self.c
+        # Before setup() prepares them (cache building), the plain modules; afterwards the prepared ones.
+        encoders = [getattr(self, "text_encoder", c.text_encoder), getattr(self, "text_encoder_2", c.text_encoder_2)]
+        return self.conditioning.encode_prompt(
+            [c.tokenizer, c.tokenizer_2], encoders[: len(c.text_encoders)], captions, self.accelerator.device
+        )
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -531,7 +540,7 @@ class LoraTrainer:
         total = torch.zeros((), device=acc.device)
         for _ in range(t.grad_accum):
             batch = next(self.batches)
-            with acc.accumulate(self.unet, self.text_encoder):
+            with acc.accumulate(*[m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]):
                 total += self.train_step(batch)
         loss = total / t.grad_accum
         if not bool(torch.isfinite(acc.reduce(loss, reduction="sum"))):
@@ -630,16 +639,10 @@ class LoraTrainer:
     def _generate(self, prompts: list[str], per_prompt: int) -> list:
         """Validation images through ``loracraft.infer.generate`` (the code users generate with),
         with the base's own inference scheduler and fixed seeds (prompt-major: seed, seed+1, ...)."""
-        from diffusers import StableDiffusionPipeline
-
         from loracraft.infer.generate import generate
 
         c, v = self.c, self.cfg.validation
-        pipe = StableDiffusionPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-            unet=self.accelerator.unwrap_model(self.unet), scheduler=c.inference_scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        pipe = inference_pipeline(c, self.accelerator.unwrap_model(self.unet))
         pipe.set_progress_bar_config(disable=True)
         res = self.cfg.data.resolution
         out = generate(pipe, prompts, seed=v.seed, steps=v.steps, guidance=v.guidance,
@@ -659,10 +662,12 @@ class LoraTrainer:
         rank_hashes = gather_object([tensors_sha256(_flat_state(*states[LORA_WEIGHT_NAME]))])
         if acc.is_main_process:
             te_config = self.te_lora_config.to_dict() if self.te_lora_config else None
-            for name, (unet_state, te_state) in states.items():
+            te2_config = self.te2_lora_config.to_dict() if self.te2_lora_config else None
+            for name, (unet_state, te_state, te2_state) in states.items():
                 save_diffusers_lora(
                     self.run_dir / name, unet_state, self.lora_config.to_dict(), self._adapter_metadata(),
                     text_encoder_state=te_state, text_encoder_lora_config=te_config,
+                    text_encoder_2_state=te2_state, text_encoder_2_lora_config=te2_config,
                 )
             self._write_manifest(status="complete", weights_sha256=rank_hashes[0], rank_weights_sha256=rank_hashes)
             self._print(f"adapter written to {out}")
@@ -677,9 +682,9 @@ class LoraTrainer:
         """Context: the model holds the EMA weights inside (if EMA is on and ``use``), its own after."""
         return self.ema.applied(self.trainables) if (self.ema and use) else contextlib.nullcontext()
 
-    def _final_states(self) -> dict[str, tuple[dict, dict | None]]:
-        """File name -> (UNet, text-encoder) adapter states: the trained weights, and the EMA's
-        (output.export_ema)."""
+    def _final_states(self) -> dict[str, tuple[dict, dict | None, dict | None]]:
+        """File name -> (UNet, text-encoder, text-encoder-2) adapter states: the trained weights,
+        and the EMA's (output.export_ema)."""
         states = {LORA_WEIGHT_NAME: self._adapter_states()}
         if self.ema:
             with self._ema_weights():
@@ -688,11 +693,19 @@ class LoraTrainer:
             states[name] = ema_states
         return states
 
-    def _adapter_states(self, copy: bool = False) -> tuple[dict, dict | None]:
+    def _adapter_states(self, copy: bool = False) -> tuple[dict, dict | None, dict | None]:
         unwrap = self.accelerator.unwrap_model
-        models = [unwrap(self.unet)] + ([unwrap(self.text_encoder)] if self.te_lora_config else [])
-        states = [{k: v.clone() if copy else v for k, v in unet_lora_state_dict(m).items()} for m in models]
-        return states[0], (states[1] if len(states) > 1 else None)
+
+        def state(model, trained) -> dict | None:
+            if not trained:
+                return None
+            return {k: v.clone() if copy else v for k, v in unet_lora_state_dict(unwrap(model)).items()}
+
+        return (
+            state(self.unet, True),
+            state(self.text_encoder, self.te_lora_config),
+            state(self.text_encoder_2, self.te2_lora_config),
+        )
 
     def _adapter_metadata(self) -> dict[str, str]:
         cfg = self.cfg
@@ -711,6 +724,8 @@ class LoraTrainer:
             "ss_num_train_images": str(len(self.images)),
             "ss_num_reg_images": str(len(self.dreambooth.class_images) if self.class_examples is not None else 0),
             "ss_training_comment": "trained with loracraft",
+            FAMILY_METADATA_KEY: self.c.family,
+            **({"ss_base_model_version": "sdxl_base_v1-0"} if self.c.family == "sdxl" else {}),
         }
 
     def _write_manifest(self, status: str, weights_sha256: str | None = None,
@@ -743,11 +758,14 @@ class LoraTrainer:
             tqdm.write(f"loracraft: {msg}", file=sys.stderr)
 
 
-def _flat_state(unet_state: dict, te_state: dict | None) -> dict:
+def _flat_state(unet_state: dict, te_state: dict | None, te2_state: dict | None = None) -> dict:
     """One dict to hash; UNet-only adapters keep their historical (unprefixed) hash."""
-    if te_state is None:
+    if te_state is None and te2_state is None:
         return unet_state
-    return {**{f"unet.{k}": v for k, v in unet_state.items()}, **{f"text_encoder.{k}": v for k, v in te_state.items()}}
+    flat = {f"unet.{k}": v for k, v in unet_state.items()}
+    for prefix, state in (("text_encoder", te_state), ("text_encoder_2", te2_state)):
+        flat.update({f"{prefix}.{k}": v for k, v in (state or {}).items()})
+    return flat
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

@@ -40,13 +40,15 @@ def inject_lora(unet: torch.nn.Module, cfg_lora) -> LoraConfig:
     return config
 
 
-def inject_text_encoder_lora(text_encoder: torch.nn.Module, cfg_lora) -> LoraConfig | None:
-    """A trainable LoRA on the (frozen) text encoder per ``lora.text_encoder``; None when it is off.
+def inject_text_encoder_lora(text_encoder: torch.nn.Module | None, cfg_lora) -> LoraConfig | None:
+    """A trainable LoRA on the (frozen) text encoder per ``lora.text_encoder``; None when it is off
+    (or when ``text_encoder`` is None: SDXL's second encoder on an SD1 base).
 
-    Dropout, init, DoRA and rsLoRA follow the UNet adapter's settings.
+    Dropout, init, DoRA and rsLoRA follow the UNet adapter's settings. On SDXL both encoders get
+    the same settings, as in diffusers' ``train_text_to_image_lora_sdxl.py --train_text_encoder``.
     """
     te = cfg_lora.text_encoder
-    if te is None:
+    if te is None or text_encoder is None:
         return None
     text_encoder.requires_grad_(False)
     config = lora_config(cfg_lora)

@@ -54,13 +54,14 @@ def param_groups(
     text_encoder_lr: float | None = None,
 ) -> list[dict]:
     """Torch param groups: LoRA+ gives ``lora_B`` matrices ``lr x ratio`` (Hayou et al. 2024,
-    arXiv:2402.12354); text-encoder parameters (names starting ``text_encoder.``) get their own lr.
+    arXiv:2402.12354); text-encoder parameters (names starting ``text_encoder.``, or SDXL's
+    ``text_encoder_2.``) get their own lr (one group for both encoders, as diffusers' SDXL script).
 
     The first group is always the UNet's base-lr group, so ``get_last_lr()[0]`` is ``train.lr``.
     """
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in trainables.items():
-        te = name.startswith("text_encoder.")
+        te = name.startswith(("text_encoder.", "text_encoder_2."))
         b = loraplus_lr_ratio is not None and ".lora_B." in name
         groups.setdefault((te, b), []).append(p)
     out = []
