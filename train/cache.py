@@ -188,7 +188,7 @@ def build_caches(plan: CachePlan, planner, components, encode_text, device, buil
         @torch.no_grad()
         def encode_captions(chunk: list[int]):
             enc = encode_text([captions[j] for j in chunk])
-            return [{name: t[k].float() for name, t in enc.items()} for k in range(len(chunk))]
+            return [{_STORED[name]: t[k].float() for name, t in enc.items()} for k in range(len(chunk))]
 
         if build:
             text_store.fill(keys, encode_captions, 16, "caching text embeddings", not show_progress)
@@ -196,13 +196,14 @@ def build_caches(plan: CachePlan, planner, components, encode_text, device, buil
 
         def text_lookup(caption: str) -> dict[str, torch.Tensor]:
             t = text_store.get(by_caption[caption])
-            out = {"text_embeds": t["hidden"]}
-            if "pooled" in t:
-                out["pooled_text_embeds"] = t["pooled"]
-            return out
+            return {name: t[stored] for name, stored in _STORED.items() if stored in t}
 
         sources["text_lookup"] = text_lookup
     return sources
+
+
+#: batch key -> tensor name inside a text entry ("hidden" is what SD1 entries have always held).
+_STORED = {"text_embeds": "hidden", "pooled_text_embeds": "pooled"}
 
 
 def text_fingerprint(components) -> tuple[str, str]:
