@@ -155,18 +155,20 @@ def fingerprint_base(base: str) -> str:
     return h.hexdigest()
 
 
-def inference_pipeline(c: Components, unet: torch.nn.Module, text_encoder=None, text_encoder_2=None):
+def inference_pipeline(c: Components, unet: torch.nn.Module, scheduler=None):
     """A diffusers text-to-image pipeline of the base's family built from the loaded parts
-    (validation generates with the weights being trained, no reload)."""
+    (validation and DreamBooth class images generate with the weights in memory, no reload).
+
+    ``scheduler`` defaults to the base's inference scheduler itself."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     common = dict(
-        vae=c.vae, text_encoder=text_encoder or c.text_encoder, tokenizer=c.tokenizer, unet=unet,
-        scheduler=c.inference_scheduler,
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=unet,
+        scheduler=scheduler if scheduler is not None else c.inference_scheduler,
     )
     if c.family == "sdxl":
         return StableDiffusionXLPipeline(
-            **common, text_encoder_2=text_encoder_2 or c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+            **common, text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
             add_watermarker=False,
         )
     return StableDiffusionPipeline(

@@ -164,14 +164,10 @@ def generate_class_images(
 def base_pipeline(components):
     """A text-to-image pipeline over the (not yet adapted) training components, the base's own
     inference scheduler included: class images are what the base model makes of the class prompt."""
-    from diffusers import StableDiffusionPipeline
+    from loracraft.train.components import inference_pipeline
 
-    c = components
-    pipe = StableDiffusionPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-        scheduler=type(c.inference_scheduler).from_config(c.inference_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    c = components  # SD1 or SDXL pipeline, as the base is
+    pipe = inference_pipeline(c, c.unet, type(c.inference_scheduler).from_config(c.inference_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -389,7 +389,7 @@ class LoraTrainer:
             if not validating:
                 dead += [c.vae.decoder, getattr(c.vae, "post_quant_conv", None)]
         if text and not validating:
-            dead.append(c.text_encoder)
+            dead += c.text_encoders
         for module in filter(None, dead):
             module.to("meta")
         gc.collect()
