@@ -33,8 +33,8 @@ import torch
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.formats import (
     LoraAdapter,
-    adapter_family,
     build_lora_config,
+    family_evidence,
     file_sha256,
     model_module_table,
     read_lora,
@@ -158,14 +158,14 @@ def _check_family(pipe, adapter: LoraAdapter, where: str) -> None:
     """An SDXL adapter on an SD1 base (or the reverse) gets one clear line before any shape talk."""
     from loracraft.infer.models import model_family
 
-    made_for = adapter_family(adapter)
+    made_for, why = family_evidence(adapter)
     base = model_family(pipe)
     if made_for is not None and made_for != base:
         example = (
             "stabilityai/stable-diffusion-xl-base-1.0" if made_for == "sdxl" else "runwayml/stable-diffusion-v1-5"
         )
         raise AdapterError(
-            f"{_FAMILY_NAMES[made_for]} adapter on an {_FAMILY_NAMES[base]} base, {where}, "
+            f"{_FAMILY_NAMES[made_for]} adapter ({why}) on an {_FAMILY_NAMES[base]} base, {where}, "
             f"load it on an {_FAMILY_NAMES[made_for]} base (e.g. {example}) or use an adapter trained for this base"
         )
 

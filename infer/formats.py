@@ -289,7 +289,12 @@ _MULTI_LAYER_TRANSFORMER = re.compile(r"\.transformer_blocks\.[1-9]")
 
 
 def adapter_family(adapter: LoraAdapter) -> str | None:
-    """``"sdxl"``, ``"sd"`` (SD1.x/2.x) or ``None`` when nothing tells.
+    """``"sdxl"``, ``"sd"`` (SD1.x/2.x) or ``None`` when nothing tells (see :func:`family_evidence`)."""
+    return family_evidence(adapter)[0]
+
+
+def family_evidence(adapter: LoraAdapter) -> tuple[str | None, str]:
+    """(family, why we think so) of an adapter.
 
     Evidence, most explicit first: our ``loracraft.model_family`` header, kohya's
     ``ss_base_model_version``, a second text encoder (only SDXL has one), and UNet modules in a
@@ -297,15 +302,16 @@ def adapter_family(adapter: LoraAdapter) -> str | None:
     """
     meta = adapter.metadata
     if meta.get(FAMILY_METADATA_KEY) in ("sd", "sdxl"):
-        return meta[FAMILY_METADATA_KEY]
+        return meta[FAMILY_METADATA_KEY], f"header {FAMILY_METADATA_KEY}={meta[FAMILY_METADATA_KEY]}"
     version = str(meta.get("ss_base_model_version", ""))
     if version:
-        return "sdxl" if version.startswith(_SDXL_VERSION_PREFIX) else "sd"
+        family = "sdxl" if version.startswith(_SDXL_VERSION_PREFIX) else "sd"
+        return family, f"header ss_base_model_version={version}"
     if "text_encoder_2" in adapter.modules:
-        return "sdxl"
+        return "sdxl", "it has text_encoder_2 weights"
     if any(_MULTI_LAYER_TRANSFORMER.search(path) for path in adapter.modules.get("unet", {})):
-        return "sdxl"
-    return None
+        return "sdxl", "its UNet modules include a second transformer layer"
+    return None, ""
 
 
 # -- diffusers / PEFT -------------------------------------------------------------------------

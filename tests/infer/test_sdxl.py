@@ -93,13 +93,13 @@ def test_sdxl_adapter_on_an_sd1_base_is_a_clear_adapter_error(tiny_sd, tiny_sdxl
     with pytest.raises(AdapterError) as e:
         load_adapter(sd1, sdxl_lora)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("SDXL adapter on an SD1.x/2.x base") and "load it on an SDXL base" in msg
+    assert "\n" not in msg and msg.startswith("SDXL adapter (its UNet modules include a second transformer layer) on an SD1.x/2.x base") and "load it on an SDXL base" in msg
     # and the reverse, for a file whose header says what it is (kohya's ss_base_model_version)
     sd_kohya = tmp_path / "sd1.safetensors"
     adapter = read_lora(sdxl_lora)
     adapter.metadata["ss_base_model_version"] = "sd_v1"
     write_lora(adapter, sd_kohya, to="kohya")
-    with pytest.raises(AdapterError, match=r"^SD1.x/2.x adapter on an SDXL base"):
+    with pytest.raises(AdapterError, match=r"^SD1.x/2.x adapter \(header ss_base_model_version=sd_v1\) on an SDXL base"):
         load_adapter(sdxl_pipe, sd_kohya)
 
 
