@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from loracraft.infer.errors import AdapterError, LoracraftError, ModelError, UsageError
@@ -54,6 +56,21 @@ _EXPORTS = {
 }
 
 __all__ = ["LoracraftError", "AdapterError", "ModelError", "UsageError", *_EXPORTS]
+
+
+class _Package(types.ModuleType):
+    """``generate`` is both a submodule and the public function it defines: importing the
+    submodule (``from loracraft.infer.generate import ...``, done by other modules) makes the
+    import system set the package attribute to the module, after which ``from loracraft.infer
+    import generate`` would hand users a module instead of the function. Keep the function."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -45,8 +45,8 @@ def before_after(run_dir: Path, out: Path, prompts: list[str], seed: int = 0) ->
     """Top row: base; bottom row: base + LoRA; same prompts and seeds; upscaled for viewing."""
     from PIL import Image
 
-    from loracraft.infer import generate as G
     from loracraft.infer.adapters import load_adapter, set_scales
+    from loracraft.infer.generate import generate, make_grid
     from loracraft.infer.models import load_base
 
     manifest = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
@@ -57,9 +57,9 @@ def before_after(run_dir: Path, out: Path, prompts: list[str], seed: int = 0) ->
     rows = []
     for scale in (0.0, 1.0):
         set_scales(pipe, {adapter.name: scale})
-        rows += [g.image for g in G.generate(pipe, prompts, seed=seed, steps=v["steps"], guidance=v["guidance"],
+        rows += [g.image for g in generate(pipe, prompts, seed=seed, steps=v["steps"], guidance=v["guidance"],
                                              width=res, height=res)]
-    grid = G.make_grid(rows, rows=2, cols=len(prompts))
+    grid = make_grid(rows, rows=2, cols=len(prompts))
     grid = grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST)
     grid.save(out)
     return out

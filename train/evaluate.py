@@ -75,9 +75,9 @@ def style_progress(base: float, lora: float, style_set: float) -> float:
 
 
 def evaluate(run_dir: str | Path, heldout: str | Path | None = None, n_prompts: int = 8, seed: int = 0) -> dict:
-    from loracraft.infer import generate as G
     from loracraft.infer.adapters import load_adapter, set_scales
     from loracraft.infer.formats import LORA_WEIGHT_NAME
+    from loracraft.infer.generate import generate
     from loracraft.infer.models import load_base
     from loracraft.infer.style_score import mean_style_score
     from loracraft.train.data import load_captioned_images
@@ -104,8 +104,8 @@ def evaluate(run_dir: str | Path, heldout: str | Path | None = None, n_prompts: 
         set_scales(pipe, {adapter.name: scale})
         return {
             "loss": heldout_loss(pipe, images, res),
-            "trigger": G.generate(pipe, captions, **gen),
-            "plain": G.generate(pipe, plain, **gen),
+            "trigger": generate(pipe, captions, **gen),
+            "plain": generate(pipe, plain, **gen),
         }
 
     base, lora = run_at(0.0), run_at(1.0)

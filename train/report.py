@@ -69,20 +69,20 @@ def curves_png(rows: list[dict]) -> str | None:
 
 def sweep_grid(run_dir: Path, manifest: dict, prompts: list[str]):
     """The adapter at each of SWEEP_SCALES (rows) for each prompt (columns), same seeds."""
-    from loracraft.infer import generate as G
     from loracraft.infer.adapters import load_adapter
+    from loracraft.infer.generate import make_grid, sweep_scales
     from loracraft.infer.models import load_base
 
     cfg = manifest["config"]
     v, res = cfg["validation"], cfg["data"]["resolution"]
     pipe = load_base(cfg["model"]["base"], revision=cfg["model"].get("revision"), variant=cfg["model"].get("variant"))
     load_adapter(pipe, run_dir / LORA_WEIGHT_NAME)
-    rows = G.sweep_scales(
+    rows = sweep_scales(
         pipe, SWEEP_SCALES, prompt=prompts, seed=v["seed"], steps=v["steps"], guidance=v["guidance"],
         width=res, height=res,
     )
     images = [g.image for row in rows for g in row]
-    return G.make_grid(images, rows=len(SWEEP_SCALES), cols=len(prompts))
+    return make_grid(images, rows=len(SWEEP_SCALES), cols=len(prompts))
 
 
 def _sweep_prompts(manifest: dict) -> list[str]:

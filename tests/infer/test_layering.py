@@ -130,3 +130,20 @@ def test_checker_catches_every_form(snippet):
 )
 def test_checker_allows_the_rest(snippet):
     assert train_imports(snippet) == [], snippet
+
+
+def test_generate_stays_the_function_after_its_submodule_is_imported():
+    # Other modules import `loracraft.infer.generate` (the submodule); the documented
+    # `from loracraft.infer import generate` must still give the function, in either order.
+    import subprocess
+    import sys
+
+    code = (
+        "from loracraft.infer.generate import make_grid\n"
+        "from loracraft.infer import generate\n"
+        "import loracraft.infer, importlib\n"
+        "assert callable(generate) and generate.__name__ == 'generate', generate\n"
+        "assert loracraft.infer.generate is generate\n"
+        "assert importlib.import_module('loracraft.infer.generate').make_grid is make_grid\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,6 +1,7 @@
 """DreamBooth with prior preservation: the loss formula, class-image generation (resumable,
 identical), paired batches, exact resume, and config errors."""
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,7 @@ def test_dreambooth_config_errors_name_the_key_and_the_fix(tiny_sd, tmp_path):
 def test_interrupted_class_generation_resumes_to_the_identical_set(tiny_sd, tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
-    import loracraft.infer.generate as G
+    G = importlib.import_module("loracraft.infer.generate")  # the module (the package attribute is the function)
     from loracraft.train.config import ClassGenerationCfg
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None, requires_safety_checker=False)
