@@ -40,6 +40,7 @@ from loracraft.infer.formats import (
     read_lora,
     resolve_adapter_file,
 )
+from loracraft.infer.lycoris import is_lycoris_file
 
 __all__ = [
     "LoadedAdapter",
@@ -374,6 +375,8 @@ def load_adapter(
     name = name or _default_name(file, set(reg))
     if name in reg:
         raise UsageError(f"adapter name {name!r} is already loaded, {file}, pick another name")
+    if is_lycoris_file(file):
+        return _load_lycoris(pipe, file, name, scale, activate)
     layers = getattr(getattr(pipe, "unet", None), "config", {}).get("layers_per_block", 2)
     adapter = read_lora(
         file,
@@ -404,6 +407,21 @@ def load_adapter(
         num_modules=adapter.num_modules,
     )
     reg[name] = loaded
+    if activate:
+        set_scales(pipe)
+    return loaded
+
+
+def _load_lycoris(pipe, file: Path, name: str, scale: float, activate: bool) -> LoadedAdapter:
+    """LoHa/LoKr (kohya/LyCORIS layout) through peft's own layers; see ``loracraft.infer.lycoris``."""
+    from loracraft.infer.lycoris import load_lycoris
+
+    adapter = load_lycoris(pipe, file, name)
+    loaded = LoadedAdapter(
+        name=name, path=file.resolve(), scale=float(scale), sha256=file_sha256(file),
+        format=f"lycoris-{adapter.kind}", components=("unet",), num_modules=len(adapter.modules),
+    )
+    _registry(pipe)[name] = loaded
     if activate:
         set_scales(pipe)
     return loaded

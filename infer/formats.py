@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.io import atomic_path
-from loracraft.infer.names import LORA_WEIGHT_NAME  # noqa: E402, F401  (re-exported)
+from loracraft.infer.names import LORA_WEIGHT_NAME, LYCORIS_WEIGHT_NAME  # noqa: E402, F401  (re-exported)
 
 #: diffusers' key for the per-component LoraConfig (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY).
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
@@ -134,8 +134,9 @@ def resolve_adapter_file(path: str | Path) -> Path:
             f"adapter file not found, {p}, check the path (a .safetensors file or a folder holding {LORA_WEIGHT_NAME})"
         )
     if p.is_dir():
-        if (p / LORA_WEIGHT_NAME).is_file():
-            return p / LORA_WEIGHT_NAME
+        for default in (LORA_WEIGHT_NAME, LYCORIS_WEIGHT_NAME):  # a loracraft run folder
+            if (p / default).is_file():
+                return p / default
         candidates = sorted(x for x in p.iterdir() if x.suffix == ".safetensors" and x.is_file())
         if len(candidates) == 1:
             return candidates[0]

@@ -87,7 +87,10 @@ class LoraCfg(_Section):
         "gaussian", description="peft init_lora_weights; default = kaiming (peft's True)"
     )
     type: Literal["lora", "loha", "lokr"] = Field(
-        "lora", description="adapter type; only lora is supported (loha/lokr are refused with an error)"
+        "lora",
+        description="lora | loha (Hadamard product) | lokr (Kronecker product), both via peft; loha/lokr are "
+        "saved as lycoris_weights.safetensors in the kohya/LyCORIS layout (A1111, ComfyUI, kohya, loracraft "
+        "generate), not in diffusers format (diffusers' load_lora_weights reads only LoRA)",
     )
     use_dora: bool = Field(
         False, description="DoRA (weight-decomposed LoRA, peft); loads in plain diffusers, not in kohya/A1111 format"
@@ -98,16 +101,6 @@ class LoraCfg(_Section):
         description="also train a LoRA on the text encoder, e.g. {rank: 4, alpha: 4}; null = UNet only. "
         "Shares dropout/init/use_dora/use_rslora with the UNet adapter; turns the text-embedding cache off",
     )
-
-    @field_validator("type")
-    @classmethod
-    def _only_lora(cls, v: str) -> str:
-        if v != "lora":
-            raise ValueError(
-                f"{v} adapters are not supported yet (LyCORIS via peft is planned); use lora.type=lora "
-                "(optionally with lora.use_dora=true)"
-            )
-        return v
 
     def target_modules(self) -> list[str]:
         if self.targets == "attn":
@@ -277,7 +270,27 @@ class Config(_Section):
         if t.ema_decay is None and self.output.export_ema == "replace":
             found.append(("output.export_ema=replace but train.ema_decay is null (no EMA is kept)",
                           "set train.ema_decay (e.g. 0.999) or output.export_ema=extra"))
+        found += self._lycoris_contradictions()
         found += self._dreambooth_contradictions()
+        return found
+
+    def _lycoris_contradictions(self) -> list[tuple[str, str]]:
+        """LoRA-only options have no LoHa/LoKr meaning in peft: refused, never silently ignored."""
+        lo, found = self.lora, []
+        if lo.type == "lora":
+            return found
+        lora_only = [
+            ("lora.text_encoder", lo.text_encoder is not None, "set lora.text_encoder=null (LoHa/LoKr adapt the UNet only here)"),
+            ("lora.use_dora", lo.use_dora, "set lora.use_dora=false (DoRA is a LoRA variant)"),
+            ("lora.use_rslora", lo.use_rslora, "set lora.use_rslora=false (rsLoRA is a LoRA variant)"),
+            ("lora.dropout", lo.dropout > 0, "set lora.dropout=0"),
+            ("lora.init", "init" in lo.model_fields_set, "remove lora.init (peft initialises LoHa/LoKr its own way)"),
+            ("train.loraplus_lr_ratio", self.train.loraplus_lr_ratio is not None,
+             "remove train.loraplus_lr_ratio (LoRA+ scales LoRA's B matrices)"),
+        ]
+        for key, used, fix in lora_only:
+            if used:
+                found.append((f"{key} applies to lora.type=lora only, but lora.type={lo.type}", fix))
         return found
 
     def _dreambooth_contradictions(self) -> list[tuple[str, str]]:

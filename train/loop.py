@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from loracraft.infer.errors import ConfigError, LoracraftError, UsageError
 from loracraft.infer.formats import FAMILY_METADATA_KEY, LORA_WEIGHT_NAME, save_diffusers_lora, tensors_sha256
 from loracraft.infer.io import write_json_atomic, write_text_atomic
+from loracraft.infer.lycoris import save_lycoris
+from loracraft.infer.names import LYCORIS_WEIGHT_NAME
 from loracraft.train import checkpoint as ckpt
 from loracraft.train.cache import build_caches, cache_plan, default_cache_dir
 from loracraft.train.components import (
@@ -202,7 +204,7 @@ class LoraTrainer:
                 )
             if old.get("status") == "complete" and not diff:
                 raise RunAlreadyComplete(
-                    f"run already complete, {self.run_dir}, adapter at {self.run_dir / LORA_WEIGHT_NAME}"
+                    f"run already complete, {self.run_dir}, adapter at {self._adapter_file()}"
                 )
         elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.output.overwrite:
             raise UsageError(
@@ -656,7 +658,7 @@ class LoraTrainer:
 
         acc = self.accelerator
         acc.wait_for_everyone()
-        out = self.run_dir / LORA_WEIGHT_NAME
+        out = self._adapter_file()
         states = self._final_states()
         # Every rank's hash goes into the manifest: DDP replicas must hold identical weights.
         rank_hashes = gather_object([tensors_sha256(_flat_state(*states[LORA_WEIGHT_NAME]))])
@@ -664,6 +666,10 @@ class LoraTrainer:
             te_config = self.te_lora_config.to_dict() if self.te_lora_config else None
             te2_config = self.te2_lora_config.to_dict() if self.te2_lora_config else None
             for name, (unet_state, te_state, te2_state) in states.items():
+                if self.cfg.lora.type != "lora":
+                    lo = self.cfg.lora
+                    save_lycoris(self._adapter_file(name), unet_state, lo.type, lo.rank, lo.alpha, self._adapter_metadata())
+                    continue
                 save_diffusers_lora(
                     self.run_dir / name, unet_state, self.lora_config.to_dict(), self._adapter_metadata(),
                     text_encoder_state=te_state, text_encoder_lora_config=te_config,
@@ -671,12 +677,24 @@ class LoraTrainer:
                 )
             self._write_manifest(status="complete", weights_sha256=rank_hashes[0], rank_weights_sha256=rank_hashes)
             self._print(f"adapter written to {out}")
+            if self.cfg.lora.type != "lora":
+                self._print(
+                    f"{self.cfg.lora.type} adapters are saved in the kohya/LyCORIS layout only (A1111, ComfyUI, kohya, "
+                    f"loracraft generate --lora {out}); diffusers' load_lora_weights reads LoRA only, so no "
+                    f"{LORA_WEIGHT_NAME} is written"
+                )
             if self.cfg.output.report:
                 from loracraft.train.report import write_report
 
                 self._print(f"report written to {write_report(self.run_dir)}")
         acc.end_training()
         return out
+
+    def _adapter_file(self, name: str = LORA_WEIGHT_NAME) -> Path:
+        """Where adapter file ``name`` goes; LoHa/LoKr get the LyCORIS names (not diffusers-loadable)."""
+        if self.cfg.lora.type != "lora":
+            name = name.replace(LORA_WEIGHT_NAME.removesuffix(".safetensors"), LYCORIS_WEIGHT_NAME.removesuffix(".safetensors"))
+        return self.run_dir / name
 
     def _ema_weights(self, use: bool = True):
         """Context: the model holds the EMA weights inside (if EMA is on and ``use``), its own after."""
@@ -745,7 +763,7 @@ class LoraTrainer:
             "weights_sha256": weights_sha256,
             "rank_weights_sha256": rank_weights_sha256,
             "wall_time_s": round(time.time() - getattr(self, "_start_time", time.time()), 3),
-            "adapter": LORA_WEIGHT_NAME if weights_sha256 else None,
+            "adapter": self._adapter_file().name if weights_sha256 else None,
         }
         write_json_atomic(self.run_dir / "run.json", manifest)
 

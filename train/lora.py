@@ -9,6 +9,12 @@ from loracraft.infer.errors import ConfigError
 
 
 def lora_config(cfg_lora) -> LoraConfig:
+    """The peft config of ``lora`` (LoHa/LoKr: ``LoHaConfig``/``LoKrConfig``, peft's defaults otherwise)."""
+    if cfg_lora.type != "lora":
+        from peft import LoHaConfig, LoKrConfig
+
+        cls = LoHaConfig if cfg_lora.type == "loha" else LoKrConfig
+        return cls(r=cfg_lora.rank, alpha=cfg_lora.alpha, target_modules=cfg_lora.target_modules())
     init = {"gaussian": "gaussian", "default": True}.get(cfg_lora.init, cfg_lora.init)
     return LoraConfig(
         r=cfg_lora.rank,
@@ -78,4 +84,9 @@ def unet_lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    from loracraft.infer.lycoris import is_lycoris_state
+
+    state = get_peft_model_state_dict(unet)
+    if is_lycoris_state(state):  # LoHa/LoKr: peft naming as is (diffusers has no spelling for them)
+        return state
+    return convert_state_dict_to_diffusers(state)

@@ -1,11 +1,10 @@
-"""peft variants: DoRA (loads in plain diffusers, refused by name in kohya), rsLoRA, LoRA+ groups, LoHa/LoKr refusal."""
+"""peft variants: DoRA (loads in plain diffusers, refused by name in kohya), rsLoRA, LoRA+ groups (LoHa/LoKr: test_lycoris.py)."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from loracraft.infer.errors import ConfigError, LoracraftError
-from loracraft.train.config import build_config
+from loracraft.infer.errors import LoracraftError
 from loracraft.train.optim import param_groups
 
 
@@ -93,11 +92,3 @@ def test_loraplus_groups_split_b_matrices_and_the_text_encoder():
         ("text_encoder", 5e-5, 1), ("text_encoder_lora_B", pytest.approx(8e-4), 1),
     ]
     assert [g["name"] for g in param_groups(p, 1e-4)] == ["unet", "text_encoder"]
-
-
-@pytest.mark.parametrize("kind", ["loha", "lokr"])
-def test_loha_and_lokr_are_a_clear_config_error(kind):
-    with pytest.raises(ConfigError) as e:
-        build_config({"model": {"base": "x"}, "data": {"path": "y"}}, [f"lora.type={kind}"])
-    (problem,) = e.value.problems
-    assert f"{kind} adapters are not supported yet" in problem and "\n" not in problem
