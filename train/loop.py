@@ -386,10 +386,12 @@ class LoraTrainer:
         plans = self._cache_plans
         latents, text = all(p.latents for p in plans), all(p.text for p in plans)
         dead = []
-        if latents:
+        # StableDiffusionXLPipeline moves latents to the VAE's device, which diffusers reads from its
+        # first parameter (the encoder's): while validation decodes images, the SDXL encoder stays.
+        if latents and not (validating and c.family == "sdxl"):
             dead += [c.vae.encoder, getattr(c.vae, "quant_conv", None)]
-            if not validating:
-                dead += [c.vae.decoder, getattr(c.vae, "post_quant_conv", None)]
+        if latents and not validating:
+            dead += [c.vae.decoder, getattr(c.vae, "post_quant_conv", None)]
         if text and not validating:
             dead += c.text_encoders
         for module in filter(None, dead):

@@ -188,3 +188,38 @@ def test_sdxl_adapter_round_trips_through_kohya_with_te1_te2_names(sdxl_run, tmp
     a, b, c = read_lora(out), read_lora(kohya), read_lora(back)
     assert a.tensors_sha256() == b.tensors_sha256() == c.tensors_sha256()
     assert {m.alpha for _, _, m in b.items()} == {4, 8}  # UNet alpha 4, text encoders alpha 8
+
+
+def test_sdxl_recipe_trains_tiny_model_with_buckets_cache_bf16_and_validation(tiny_sdxl, tmp_path):
+    """configs/sdxl.yaml end to end on the tiny SDXL: buckets, latent + text cache, bf16, gradient
+    checkpointing, grad accumulation, validation grid through the SDXL pipeline, the recipe's rank."""
+    from importlib.resources import files
+
+    from accelerate.state import AcceleratorState
+
+    from loracraft.train.config import load_config
+    from loracraft.train.loop import LoraTrainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, size in enumerate([(48, 32), (48, 32), (32, 32), (32, 48)]):
+        Image.new("RGB", size, (40 * i, 200, 30)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a green square", encoding="utf-8")
+    cfg = load_config(files("loracraft.configs") / "sdxl.yaml", [
+        f"model.base={tiny_sdxl}", f"data.path={data}", "data.resolution=32", "data.bucket_step=8",
+        "train.max_steps=1", "train.warmup_steps=1", "train.grad_accum=2", "validation.prompts=[a green square]",
+        "validation.every=1",
+        "validation.steps=2", "validation.num_images=1", f"output.dir={tmp_path / 'run'}", "output.report=false",
+        "output.report_to=[]",
+    ])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = LoraTrainer(cfg)
+    trainer.setup()
+    assert {"latent_lookup", "text_lookup"} <= set(trainer.sources)
+    assert trainer.c.unet.dtype == torch.bfloat16 and trainer.c.vae.dtype == torch.float32
+    trainer.train()
+    out = trainer.cleanup()
+    assert Image.open(tmp_path / "run" / "samples" / "step-000001.png").size == (32, 32)
+    assert sorted(set(trainer.planner.targets)) == [(24, 40), (32, 32), (40, 24)]
+    adapter = read_lora(out)
+    assert list(adapter.modules) == ["unet"] and {m.rank for _, _, m in adapter.items()} == {32}
