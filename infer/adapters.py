@@ -352,7 +352,8 @@ def load_adapter(
     allow_pickle: bool = False,
     activate: bool = True,
 ) -> LoadedAdapter:
-    """Load one LoRA file (diffusers or kohya layout) onto ``pipe`` under ``name``.
+    """Load one LoRA file (diffusers or kohya layout) or LoHa/LoKr file (kohya/LyCORIS layout, via
+    :mod:`loracraft.infer.lycoris`) onto ``pipe`` under ``name``.
 
     Args:
         pipe: a diffusers Stable Diffusion pipeline (SD1/SD2/SDXL).

@@ -76,15 +76,15 @@ def style_progress(base: float, lora: float, style_set: float) -> float:
 
 def evaluate(run_dir: str | Path, heldout: str | Path | None = None, n_prompts: int = 8, seed: int = 0) -> dict:
     from loracraft.infer.adapters import load_adapter, set_scales
-    from loracraft.infer.formats import LORA_WEIGHT_NAME
     from loracraft.infer.generate import generate
     from loracraft.infer.models import load_base
+    from loracraft.infer.names import run_adapter_file
     from loracraft.infer.style_score import mean_style_score
     from loracraft.train.data import load_captioned_images
 
     run_dir = Path(run_dir)
     manifest_path = run_dir / "run.json"
-    if not (run_dir / LORA_WEIGHT_NAME).is_file() or not manifest_path.is_file():
+    if not run_adapter_file(run_dir).is_file() or not manifest_path.is_file():
         raise UsageError(f"no finished run in {run_dir}, train it first (loracraft train / loracraft demo)")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     cfg = manifest["config"]
@@ -95,7 +95,7 @@ def evaluate(run_dir: str | Path, heldout: str | Path | None = None, n_prompts: 
     res, v = cfg["data"]["resolution"], cfg["validation"]
 
     pipe = load_base(cfg["model"]["base"], revision=cfg["model"].get("revision"), variant=cfg["model"].get("variant"))
-    adapter = load_adapter(pipe, run_dir / LORA_WEIGHT_NAME)
+    adapter = load_adapter(pipe, run_adapter_file(run_dir))
     captions = sorted({images.caption(i) for i in range(len(images))})[:n_prompts]
     plain = [c.replace(TRIGGER, "") for c in captions]
     gen = dict(seed=seed, steps=v["steps"], guidance=v["guidance"], width=res, height=res)

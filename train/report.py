@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from loracraft.infer.errors import UsageError
-from loracraft.infer.names import LORA_WEIGHT_NAME
+from loracraft.infer.names import run_adapter_file
 
 SWEEP_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -76,7 +76,7 @@ def sweep_grid(run_dir: Path, manifest: dict, prompts: list[str]):
     cfg = manifest["config"]
     v, res = cfg["validation"], cfg["data"]["resolution"]
     pipe = load_base(cfg["model"]["base"], revision=cfg["model"].get("revision"), variant=cfg["model"].get("variant"))
-    load_adapter(pipe, run_dir / LORA_WEIGHT_NAME)
+    load_adapter(pipe, run_adapter_file(run_dir))
     rows = sweep_scales(
         pipe, SWEEP_SCALES, prompt=prompts, seed=v["seed"], steps=v["steps"], guidance=v["guidance"],
         width=res, height=res,
@@ -125,7 +125,7 @@ def write_report(run_dir: str | Path, sweep: bool = True) -> Path:
         "".join(f'<figure><img alt="{s.stem}" src="{_png_data_uri(_open(s))}"><figcaption>{s.stem}</figcaption></figure>'
                 for s in samples) or "<p>no validation images (set validation.prompts)</p>"))
     sweep_html = "<p>skipped</p>"
-    if sweep and (run_dir / LORA_WEIGHT_NAME).is_file():
+    if sweep and run_adapter_file(run_dir).is_file():
         prompts = _sweep_prompts(manifest)
         grid = sweep_grid(run_dir, manifest, prompts)
         grid.save(run_dir / "samples" / "scale-sweep.png") if (run_dir / "samples").is_dir() else None

@@ -93,6 +93,11 @@ def test_dreambooth_config_errors_name_the_key_and_the_fix(tiny_sd, tmp_path):
             build_config(base, list(overrides))
         assert len(e.value.problems) == 1 and expected in e.value.problems[0], (overrides, e.value.problems)
         assert "\n" not in e.value.problems[0]
+    from loracraft.train.config import config_help
+
+    help_lines = config_help().splitlines()  # `loracraft train --help-config`
+    assert any(line.startswith("dreambooth.class_generation.seed = 0  # ") for line in help_lines)
+    assert any(line.startswith("dreambooth.instance_prompt = (required)") for line in help_lines)
     # file-system checks run before any weights load, together with the others
     data = _bare_images(tmp_path / "inst", 1, seed=0)
     cfg = build_config({"model": {"base": str(tiny_sd)}, "data": {"path": str(data)}},

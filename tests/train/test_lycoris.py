@@ -42,6 +42,7 @@ def test_loha_lokr_train_save_in_lycoris_layout_and_load_back_with_equal_outputs
 
     trainer = make_trainer(tiny_sd, pair, tmp_path / "r", **{
         "lora.type": kind, "lora.rank": rank, "lora.alpha": 4, "train.max_steps": 3, "train.lr": 3e-2,
+        "validation.steps": 2,
     })
     for _ in range(3):
         trainer._optimizer_step()
@@ -75,6 +76,11 @@ def test_loha_lokr_train_save_in_lycoris_layout_and_load_back_with_equal_outputs
         assert (theirs - base).abs().max() > 1e-3
         set_scales(pipe, [0.0])
         assert torch.equal(pipe.unet(x, t, ehs).sample, base)
+    if kind == "loha":  # the report's LoRA-scale sweep finds and loads the LyCORIS file
+        from loracraft.train.report import write_report
+
+        write_report(out.parent)
+        assert 'alt="scale sweep"' in (out.parent / "report.html").read_text()
 
 
 def test_lora_only_options_with_loha_or_lokr_are_one_line_config_errors():
