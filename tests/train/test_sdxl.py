@@ -223,3 +223,16 @@ def test_sdxl_recipe_trains_tiny_model_with_buckets_cache_bf16_and_validation(ti
     assert sorted(set(trainer.planner.targets)) == [(24, 40), (32, 32), (40, 24)]
     adapter = read_lora(out)
     assert list(adapter.modules) == ["unet"] and {m.rank for _, _, m in adapter.items()} == {32}
+
+
+def test_heldout_loss_of_loracraft_eval_works_on_sdxl(tiny_sdxl, sdxl_data):
+    """`loracraft eval`'s held-out loss conditions the UNet the way training does (SDXL: pooled + time ids)."""
+    from loracraft.infer.models import load_base
+    from loracraft.train.evaluate import heldout_loss
+
+    images = load_captioned_images(str(sdxl_data))
+    pipe = load_base(tiny_sdxl)
+    loss = heldout_loss(pipe, images, 32)
+    assert np.isfinite(loss) and loss > 0
+    # the same figure again: noise and timesteps are fixed per image
+    assert heldout_loss(pipe, images, 32) == loss
