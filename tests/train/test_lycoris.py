@@ -94,3 +94,19 @@ def test_lora_only_options_with_loha_or_lokr_are_one_line_config_errors():
         key = opt.split("=")[0]
         assert problem.startswith(f"{key} applies to lora.type=lora only, but lora.type=lokr, config, ") and "\n" not in problem
     assert build_config(base, ["lora.type=loha", "lora.rank=16", "lora.alpha=8"]).lora.type == "loha"
+
+
+def test_loha_resumes_exactly_from_a_checkpoint(tiny_sd, pair, tmp_path, make_trainer):
+    over = {"lora.type": "loha", "lora.rank": 4, "train.max_steps": 4, "checkpoint.every": 2}
+    a = make_trainer(tiny_sd, pair, tmp_path / "a", **over)
+    a.train()
+    b = make_trainer(tiny_sd, pair, tmp_path / "b", **{**over, "train.max_steps": 2})
+    b.train()
+    assert any(".hada_w" in n for n in b.trainables)
+    c = make_trainer(tiny_sd, pair, tmp_path / "b", **{
+        **over, "checkpoint.allow_config_change": "true", "checkpoint.resume": str(tmp_path / "b/checkpoints/step-000002"),
+    })
+    assert c.step == 2
+    c.train()
+    for n, p in a.trainables.items():
+        assert torch.equal(p, c.trainables[n]), n
