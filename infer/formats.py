@@ -589,6 +589,54 @@ def sgm_unet_names_to_diffusers(
     return out
 
 
+_RESNET_TO_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                  "conv_shortcut": "skip_connection"}
+_TOP_TO_SGM = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+               "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+               "add_embedding.linear_2": "label_emb.0.2"}
+_DIFFUSERS_UNET_PATH = re.compile(
+    r"^(?P<block>down_blocks|up_blocks)\.(?P<i>\d+)\.(?P<kind>resnets|attentions|downsamplers|upsamplers)\.(?P<j>\d+)\.(?P<rest>.+)$"
+    r"|^mid_block\.(?P<mkind>resnets|attentions)\.(?P<mj>\d+)\.(?P<mrest>.+)$"
+)
+
+
+def diffusers_to_sgm_unet_name(path: str, layers_per_block: int = 2, where: str = "adapter") -> str:
+    """A diffusers SDXL UNet module path in kohya's SGM layout (dots; the inverse of
+    :func:`sgm_unet_names_to_diffusers`, which tests check on every module of an SDXL UNet).
+
+    Block numbering: input block ``1 + i * (layers_per_block + 1) + j`` holds down block ``i``'s
+    layer ``j`` (``.0`` resnet, ``.1`` attention), the block after its layers its downsampler
+    (``.0.op``); output block ``i * (layers_per_block + 1) + j`` likewise, with the upsampler at
+    ``.2``; the middle block is resnet, attention, resnet (0, 1, 2).
+    """
+    if path in _TOP_TO_SGM:
+        return _TOP_TO_SGM[path]
+    m = _DIFFUSERS_UNET_PATH.match(path)
+    if m is None:
+        raise AdapterError(
+            f"UNet module {path} has no name in kohya's SDXL (SGM) layout, {where}, "
+            "keep the diffusers file or train attention/projection/resnet layers only"
+        )
+    step = layers_per_block + 1
+    if m["mkind"]:
+        kind, j, rest = m["mkind"], int(m["mj"]), m["mrest"]
+        if kind == "attentions":
+            return f"middle_block.1.{rest}"
+        first, _, tail = rest.partition(".")
+        return f"middle_block.{2 * j}.{_RESNET_TO_SGM.get(first, first)}{'.' + tail if tail else ''}"
+    block, i, kind, j, rest = m["block"], int(m["i"]), m["kind"], int(m["j"]), m["rest"]
+    if kind == "downsamplers":
+        return f"input_blocks.{(i + 1) * step}.0.{'op' if rest == 'conv' else rest}"
+    if kind == "upsamplers":
+        return f"output_blocks.{i * step + layers_per_block}.2.{rest}"
+    index = 1 + i * step + j if block == "down_blocks" else i * step + j
+    prefix = "input_blocks" if block == "down_blocks" else "output_blocks"
+    if kind == "attentions":
+        return f"{prefix}.{index}.1.{rest}"
+    first, _, tail = rest.partition(".")
+    return f"{prefix}.{index}.0.{_RESNET_TO_SGM.get(first, first)}{'.' + tail if tail else ''}"
+
+
 def parse_kohya_state(
     tensors: dict[str, torch.Tensor],
     header: dict[str, str] | None = None,
@@ -764,7 +812,9 @@ def kohya_metadata(adapter: LoraAdapter) -> dict[str, str]:
 def to_kohya_state(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header of a kohya/A1111 file; each module carries its own ``alpha``.
 
-    The source ``LoraConfig`` is kept under :data:`KOHYA_CONFIG_KEY` (kohya tools ignore unknown
+    SDXL UNet modules get kohya's SGM names (``lora_unet_input_blocks_4_1_...``, what
+    ``sdxl_train_network.py`` writes and A1111/ComfyUI/diffusers read); SD1/SD2 keep the diffusers
+    layout kohya itself uses for them. The source ``LoraConfig`` is kept under :data:`KOHYA_CONFIG_KEY` (kohya tools ignore unknown
     keys), so converting back restores it verbatim.
     """
     dora = next((f"{c}.{n}" for c, n, m in adapter.items() if m.magnitude is not None), None)
@@ -774,10 +824,14 @@ def to_kohya_state(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[
             f"{adapter.path or 'adapter'}, keep the diffusers file (plain diffusers and loracraft load it)"
         )
     prefixes = _kohya_prefixes(adapter)
+    # kohya's SDXL trainer names UNet modules in its own (SGM) layout; SD1/SD2 files use diffusers'.
+    sgm = adapter_family(adapter) == "sdxl"
     tensors: dict[str, torch.Tensor] = {}
     adapter_meta: dict[str, object] = {}
     for component, mods in adapter.modules.items():
         for path, mod in mods.items():
+            if component == "unet" and sgm:
+                path = diffusers_to_sgm_unet_name(path, where=str(adapter.path or "adapter"))
             name = prefixes[component] + module_to_kohya_name(path)
             tensors[f"{name}.lora_down.weight"] = mod.down
             tensors[f"{name}.lora_up.weight"] = mod.up

@@ -163,6 +163,45 @@ def test_kohya_sgm_names_import_to_the_same_diffusers_modules(sdxl_pipe, tmp_pat
     # and it loads onto the SDXL base (every module found, every shape fits)
     load_adapter(sdxl_pipe, sgm)
     unload(sdxl_pipe)
+    # exporting writes kohya's SGM names back, exactly the hand-written ones
+    exported = read_safetensors(write_lora(b, tmp_path / "again.safetensors", to="kohya"))[0]
+    assert {k.split(".")[0] for k in exported} == {f"lora_unet_{v}" for v in HAND_SGM.values()}
+
+
+#: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the module tree).
+SDXL_BASE_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+
+def test_sgm_export_names_are_what_diffusers_maps_back_on_every_sdxl_module(sdxl_pipe):
+    """Our diffusers -> SGM naming is checked against diffusers' SGM -> diffusers converter for every
+    LoRA-able layer of the tiny SDXL and of the real SDXL base architecture (built on the meta device)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from loracraft.infer.formats import (
+        diffusers_to_sgm_unet_name,
+        module_to_kohya_name,
+        sgm_unet_names_to_diffusers,
+    )
+
+    with init_empty_weights():
+        real = UNet2DConditionModel(**SDXL_BASE_UNET)
+    for unet in (sdxl_pipe.unet, real):
+        paths = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        names = {"lora_unet_" + module_to_kohya_name(diffusers_to_sgm_unet_name(p)): p for p in paths}
+        assert len(names) == len(paths) > 100
+        assert sgm_unet_names_to_diffusers(list(names)) == names
+    assert diffusers_to_sgm_unet_name("up_blocks.1.upsamplers.0.conv") == "output_blocks.5.2.conv"
+    assert diffusers_to_sgm_unet_name("down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k") == (
+        "input_blocks.8.1.transformer_blocks.9.attn2.to_k"
+    )
 
 
 def test_mixed_sgm_and_diffusers_unet_names_are_refused(sdxl_pipe, tmp_path):

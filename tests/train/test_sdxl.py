@@ -177,17 +177,35 @@ def test_sdxl_cached_and_uncached_losses_match_and_reach_the_unet(tiny_sdxl, sdx
     assert (kind, sd_kind) == ("text-sdxl", "text") and fp != sd_fp and fp.startswith(sd_fp)
 
 
-def test_sdxl_adapter_round_trips_through_kohya_with_te1_te2_names(sdxl_run, tmp_path):
-    _, _, out = sdxl_run
+def test_sdxl_adapter_round_trips_through_kohya_with_te1_te2_names(sdxl_run, tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    trainer, _, out = sdxl_run
     kohya = convert_lora_file(out, tmp_path / "style.safetensors", "kohya")
     tensors, header = read_safetensors(kohya)
     prefixes = {k.split(".")[0].split("_")[1] for k in tensors}
     assert prefixes == {"unet", "te1", "te2"}, prefixes
+    # UNet modules in kohya's own SDXL (SGM) layout, as sdxl_train_network.py names them
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    assert not any(k.startswith("lora_unet_down_blocks") for k in tensors)
     assert header["ss_base_model_version"] == "sdxl_base_v1-0"
     back = convert_lora_file(kohya, tmp_path / "back", "diffusers")
     a, b, c = read_lora(out), read_lora(kohya), read_lora(back)
     assert a.tensors_sha256() == b.tensors_sha256() == c.tensors_sha256()
     assert {m.alpha for _, _, m in b.items()} == {4, 8}  # UNet alpha 4, text encoders alpha 8
+    # plain diffusers reads the kohya file (SGM names, per-module alphas) as the same adapter
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        text = trainer._encode_text([PROMPT])
+        kwargs = trainer.conditioning.unet_kwargs(text, torch.tensor([[32, 32, 0, 0, 32, 32]]))
+        ours = trainer.accelerator.unwrap_model(trainer.unet)(x, t, **kwargs).sample
+        torch.testing.assert_close(pipe.unet(x, t, **kwargs).sample, ours, rtol=1e-4, atol=1e-5)
+        theirs_te2 = pipe.text_encoder_2(_ids(pipe.tokenizer_2)).text_embeds
+        torch.testing.assert_close(theirs_te2, trainer.c.text_encoder_2(_ids(trainer.c.tokenizer_2)).text_embeds,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_sdxl_recipe_trains_tiny_model_with_buckets_cache_bf16_and_validation(tiny_sdxl, tmp_path):
