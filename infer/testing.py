@@ -80,6 +80,60 @@ def build_tokenizer(out_dir: str | Path, words: list[str] | tuple[str, ...] = BA
     return tok
 
 
+def kl_vae(channels: tuple[int, ...], layers: int, norm_groups: int, sample_size: int, **extra):
+    """An SD-style KL autoencoder (4 latent channels) downsampling by 2 per extra block."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        latent_channels=4,
+        layers_per_block=layers,
+        norm_num_groups=norm_groups,
+        sample_size=sample_size,
+        **extra,
+    )
+
+
+def clip_config(tokenizer, hidden: int, layers: int, heads: int = 4, ffn_mult: int = 2, **extra):
+    """A CLIP text-encoder config sized ``hidden`` x ``layers`` over the offline tokenizer's vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * ffn_mult,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def sd_noise_schedule() -> dict:
+    """SD1.x/SDXL's training noise schedule (scaled_linear 0.00085-0.012, 1000 steps)."""
+    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def save_sd_pipeline(out: Path, **components) -> Path:
+    """Save an SD1-architecture pipeline (no safety checker) and check trainers can read its
+    scheduler as a DDPMScheduler."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(str(out))
+    DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    return out
+
+
 #: Shapes of the tiny test model. Resolution 32 px -> 16x16 latents (VAE factor 2),
 #: UNet downsamples once, so sizes must be multiples of 4.
 TINY_SD_SHAPE = dict(
@@ -99,14 +153,8 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, prediction_type: str = "ep
     (cross-attention UNet, KL VAE, CLIP text encoder, BPE tokenizer, scheduler) is the real
     diffusers/transformers class, so loading and LoRA code paths are exercised for real.
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     out = Path(out_dir)
     s = TINY_SD_SHAPE
@@ -123,49 +171,11 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, prediction_type: str = "ep
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=s["vae_channels"],
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=s["sample_size"],
-    )
+    vae = kl_vae(s["vae_channels"], 1, 16, s["sample_size"])
     tokenizer = build_tokenizer(out / "tokenizer")
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=s["text_hidden"],
-            intermediate_size=s["text_hidden"] * 2,
-            num_hidden_layers=s["text_layers"],
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    sched_kwargs = dict(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
-    )
-    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, prediction_type=prediction_type, **sched_kwargs)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(out))
-    # Trainers read the noise schedule as a DDPMScheduler; make sure that config round-trips.
-    DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")
-    return out
+    text_encoder = CLIPTextModel(clip_config(tokenizer, s["text_hidden"], s["text_layers"]))
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, prediction_type=prediction_type, **sd_noise_schedule())
+    return save_sd_pipeline(out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
 
 #: Shapes of the tiny SDXL model. The two text encoders have *different* widths (and the pooled
@@ -196,13 +206,12 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     0.13025, and SDXL's ``EulerDiscreteScheduler`` settings.
     """
     from diffusers import (
-        AutoencoderKL,
         DDPMScheduler,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(out_dir)
     s = TINY_SDXL_SHAPE
@@ -225,43 +234,16 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
         projection_class_embeddings_input_dim=s["projection_dim"] + 6 * s["addition_time_embed_dim"],
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=s["vae_channels"],
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=s["sample_size"],
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = kl_vae(s["vae_channels"], 1, 16, s["sample_size"], scaling_factor=0.13025, force_upcast=True)
     tokenizer = build_tokenizer(out / "tokenizer")
     tokenizer_2 = build_tokenizer(out / "tokenizer_2")
 
-    def clip_config(hidden: int, **extra) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=s["text_layers"],
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **extra,
-        )
-
-    text_encoder = CLIPTextModel(clip_config(s["text_hidden"]))
-    text_encoder_2 = CLIPTextModelWithProjection(clip_config(s["text_hidden_2"], projection_dim=s["projection_dim"]))
+    text_encoder = CLIPTextModel(clip_config(tokenizer, s["text_hidden"], s["text_layers"]))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        clip_config(tokenizer, s["text_hidden_2"], s["text_layers"], projection_dim=s["projection_dim"])
+    )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
+        **sd_noise_schedule(),
         steps_offset=1,
         timestep_spacing="leading",
         prediction_type="epsilon",

@@ -86,16 +86,16 @@ def build_sd15_small(out_dir: str | Path, seed: int = 0, prediction_type: str = 
     blocks, cross-attention in 3, VAE factor 8, CLIP text encoder), so the balance between
     UNet, VAE and text encoder - what decides the cache's gain - has realistic proportions.
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    from loracraft.infer.testing import build_tokenizer
+    from loracraft.infer.testing import (
+        build_tokenizer,
+        clip_config,
+        kl_vae,
+        save_sd_pipeline,
+        sd_noise_schedule,
+    )
 
     out = Path(out_dir)
     s = SD15_SMALL_SHAPE
@@ -113,53 +113,13 @@ def build_sd15_small(out_dir: str | Path, seed: int = 0, prediction_type: str = 
         attention_head_dim=s["attention_head_dim"],
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=s["vae_channels"],
-        down_block_types=("DownEncoderBlock2D",) * len(s["vae_channels"]),
-        up_block_types=("UpDecoderBlock2D",) * len(s["vae_channels"]),
-        latent_channels=4,
-        layers_per_block=s["vae_layers"],
-        norm_num_groups=32,
-        sample_size=s["sample_size"],
-    )
+    vae = kl_vae(s["vae_channels"], s["vae_layers"], 32, s["sample_size"])
     tokenizer = build_tokenizer(out / "tokenizer")
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=s["text_hidden"],
-            intermediate_size=s["text_hidden"] * 4,
-            num_hidden_layers=s["text_layers"],
-            num_attention_heads=s["text_heads"],
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        clip_config(tokenizer, s["text_hidden"], s["text_layers"], heads=s["text_heads"], ffn_mult=4)
     )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(out))
-    DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")  # trainers read it as DDPM
-    return out
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, prediction_type=prediction_type, **sd_noise_schedule())
+    return save_sd_pipeline(out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
 
 def _build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
