@@ -1267,7 +1267,8 @@ def format_report(results: dict) -> str:
         f"\nmachine: {m['cpus']} CPUs ({m['cpu_capability']}), torch {m['torch']}, load average "
         f"{m['loadavg_before'][0]:.1f} -> {m['loadavg_after'][0]:.1f}, {m['wall_s']:.0f} s wall"
     )
-    busiest = max(m["loadavg_before"][0], m["loadavg_after"][0])
+    # Load before the run only: the average after it counts the benchmark's own processes.
+    busiest = m["loadavg_before"][0]
     if busiest > 0.75 * (m["cpus"] or 1):
         threads = results["config"].get("threads", 1)
         hint = (
