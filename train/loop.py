@@ -689,8 +689,20 @@ class LoraTrainer:
                 from loracraft.train.report import write_report
 
                 self._print(f"report written to {write_report(self.run_dir)}")
+        acc.wait_for_everyone()  # no rank still in a collective when the group goes away
+        self._release_ddp_wrappers()
         acc.end_training()
         return out
+
+    def _release_ddp_wrappers(self) -> None:
+        """DDP's reducer keeps the process group alive; left to interpreter teardown, gloo's
+        worker threads can abort a rank (SIGABRT, "terminate called without an active
+        exception") after a successful run. Unwrap and free them while Python is still whole."""
+        acc = self.accelerator
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, acc.unwrap_model(getattr(self, name)))
+        acc.free_memory()
 
     def _adapter_file(self, name: str = LORA_WEIGHT_NAME) -> Path:
         """Where adapter file ``name`` goes; LoHa/LoKr get the LyCORIS names (not diffusers-loadable)."""
