@@ -62,6 +62,18 @@ def _image(pipe, seed=0) -> np.ndarray:
     return np.asarray(out.images[0]).astype(np.int16)
 
 
+def _assert_unet_matches(trainer, pipe) -> None:
+    """The UNet diffusers loaded the adapter into acts like the trainer's, on one fixed probe
+    with SDXL conditioning (prompt embeds, pooled embeds, size/crop time ids)."""
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        text = trainer._encode_text([PROMPT])
+        kwargs = trainer.conditioning.unet_kwargs(text, torch.tensor([[32, 32, 0, 0, 32, 32]]))
+        ours = trainer.accelerator.unwrap_model(trainer.unet)(x, t, **kwargs).sample
+        torch.testing.assert_close(pipe.unet(x, t, **kwargs).sample, ours, rtol=1e-4, atol=1e-5)
+
+
 def test_sdxl_trains_and_plain_diffusers_loads_the_adapter_with_both_text_encoders(sdxl_run, tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 
@@ -89,13 +101,7 @@ def test_sdxl_trains_and_plain_diffusers_loads_the_adapter_with_both_text_encode
     torch.testing.assert_close(theirs_te1, ours_te1, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(theirs_te2, ours_te2, rtol=1e-4, atol=1e-5)
     assert (ours_te1 - te1_before).abs().max() > 1e-4 and (ours_te2 - te2_before).abs().max() > 1e-4
-    torch.manual_seed(0)
-    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
-    with torch.no_grad():
-        text = trainer._encode_text([PROMPT])
-        kwargs = trainer.conditioning.unet_kwargs(text, torch.tensor([[32, 32, 0, 0, 32, 32]]))
-        ours_pred = trainer.accelerator.unwrap_model(trainer.unet)(x, t, **kwargs).sample
-        torch.testing.assert_close(pipe.unet(x, t, **kwargs).sample, ours_pred, rtol=1e-4, atol=1e-5)
+    _assert_unet_matches(trainer, pipe)
 
 
 def test_sdxl_prompt_embeds_are_penultimate_states_concatenated_and_pooled_from_encoder_2(sdxl_run):
@@ -196,13 +202,8 @@ def test_sdxl_adapter_round_trips_through_kohya_with_te1_te2_names(sdxl_run, tin
     # plain diffusers reads the kohya file (SGM names, per-module alphas) as the same adapter
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
     pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
-    torch.manual_seed(0)
-    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    _assert_unet_matches(trainer, pipe)
     with torch.no_grad():
-        text = trainer._encode_text([PROMPT])
-        kwargs = trainer.conditioning.unet_kwargs(text, torch.tensor([[32, 32, 0, 0, 32, 32]]))
-        ours = trainer.accelerator.unwrap_model(trainer.unet)(x, t, **kwargs).sample
-        torch.testing.assert_close(pipe.unet(x, t, **kwargs).sample, ours, rtol=1e-4, atol=1e-5)
         theirs_te2 = pipe.text_encoder_2(_ids(pipe.tokenizer_2)).text_embeds
         torch.testing.assert_close(theirs_te2, trainer.c.text_encoder_2(_ids(trainer.c.tokenizer_2)).text_embeds,
                                    rtol=1e-4, atol=1e-5)
