@@ -147,6 +147,22 @@ class DreamBoothCfg(_Section):
     class_generation: ClassGenerationCfg = Field(default_factory=ClassGenerationCfg)
 
 
+class PreserveCfg(_Section):
+    """OneTrainer's "prior prediction": regularisation samples learn the base model's own output
+    (adapter off) on the same noisy latent, instead of the noise. Their loss is then exactly how
+    far the adapter moved the model away from the base where it should not act."""
+
+    trigger: str = Field(
+        min_length=1, description="text marking the captions the adapter should change, e.g. 'in lcstyle "
+        "style'; every sample whose caption lacks it is a preservation sample (required)",
+    )
+    weight: float = Field(1.0, gt=0, description="loss weight of the preservation samples")
+    empty_captions: bool = Field(
+        False, description="also preserve caption-dropped samples (the unconditional branch of CFG); off: they "
+        "train on the noise like any other, so guidance still sees the style in the unconditional branch",
+    )
+
+
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
@@ -247,6 +263,10 @@ class Config(_Section):
         None, description="DreamBooth mode, e.g. {instance_prompt: 'a photo of sks dog', class_prompt: "
         "'a photo of a dog'}; null = ordinary captioned-dataset training"
     )
+    preserve: PreserveCfg | None = Field(
+        None, description="train samples without preserve.trigger toward the base model's own prediction, e.g. "
+        "{trigger: 'in lcstyle style', weight: 10}; null = every sample trains on the noise"
+    )
 
     def contradictions(self) -> list[tuple[str, str]]:
         """Options that are each valid but cannot all hold: ``[(what, how to fix), ...]``."""
@@ -272,6 +292,9 @@ class Config(_Section):
                           "set train.ema_decay (e.g. 0.999) or output.export_ema=extra"))
         found += self._lycoris_contradictions()
         found += self._dreambooth_contradictions()
+        if self.preserve is not None and self.dreambooth is not None:
+            found.append(("preserve and dreambooth are both set (two regularisation schemes for one batch)",
+                          "use dreambooth prior preservation or preserve, not both"))
         return found
 
     def _lycoris_contradictions(self) -> list[tuple[str, str]]:

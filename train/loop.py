@@ -57,6 +57,13 @@ from loracraft.train.loss import (
 )
 from loracraft.train.manifest import environment, git_commit, scrub, versions
 from loracraft.train.optim import build_optimizer, optimizer_problems, param_groups
+from loracraft.train.preserve import (
+    adapters_disabled,
+    check_trigger,
+    preservation_weights,
+    preserved_rows,
+    select_rows,
+)
 
 EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"
 LOG_EVERY = 10  # host syncs for logging happen only this often
@@ -178,6 +185,8 @@ class LoraTrainer:
                 f"train.batch_size={t.batch_size}{per} is larger than the dataset ({samples} samples per epoch), "
                 f"{d.path}, lower train.batch_size to at most {samples // acc.num_processes or 1} or add images"
             )
+        if self.cfg.preserve is not None:
+            check_trigger([images.caption(i) for i in range(len(images))], self.cfg.preserve.trigger, d.path)
         self.dataset_fingerprint = images.fingerprint()
         if self.dreambooth:  # plus the user's class images
             self.dataset_fingerprint = self.dreambooth.dataset_fingerprint(self.dataset_fingerprint)
@@ -488,7 +497,30 @@ class LoraTrainer:
         prediction_type = c.noise_scheduler.config.prediction_type
         target = training_target(c.noise_scheduler, latents, noise, timesteps, prediction_type)
         weights = min_snr_weights(c.noise_scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
+        if self.cfg.preserve is not None:
+            target, weights = self._preserve_base(batch, noisy, timesteps, target, weights)
         return self.loss_fn(pred, target, weights)
+
+    def _preserve_base(self, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor,
+                       target: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows without the trigger learn the base's own prediction (adapters off), weighted (``preserve``)."""
+        p = self.cfg.preserve
+        rows = preserved_rows(batch["captions"], p.trigger, p.empty_captions)
+        if not rows.any():
+            return target, weights
+        sub, on = select_rows(batch, rows), rows.to(noisy.device)
+        unwrap = self.accelerator.unwrap_model
+        with torch.no_grad(), adapters_disabled([unwrap(self.unet), *self._text_encoders_with_lora()]):
+            kwargs = self.conditioning.unet_kwargs(self._text(sub), sub.get("size_cond"))
+            base = unwrap(self.unet)(noisy[on], timesteps[on], **kwargs).sample
+        target = target.clone()
+        target[on] = base.to(target.dtype)
+        return target, preservation_weights(rows, p.weight, weights)
+
+    def _text_encoders_with_lora(self) -> list[torch.nn.Module]:
+        unwrap = self.accelerator.unwrap_model
+        pairs = ((self.te_lora_config, self.text_encoder), (self.te2_lora_config, self.text_encoder_2))
+        return [unwrap(te) for config, te in pairs if config is not None]
 
     def _latents(self, batch: dict, positions: list[int]) -> torch.Tensor:
         """Scaled latents: a keyed sample of the cached posterior, or of a fresh VAE encode."""

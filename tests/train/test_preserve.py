@@ -1,0 +1,127 @@
+"""Base-prediction preservation (``preserve:``): which rows, what target, what weight, what errors."""
+
+import json
+
+import pytest
+import torch
+
+from loracraft.infer.errors import ConfigError
+from loracraft.train.preserve import check_trigger, preservation_weights, preserved_rows, select_rows
+
+TRIGGER = "in lcstyle style"
+
+
+def test_rows_without_the_trigger_are_preserved_and_dropped_captions_only_when_asked():
+    caps = ["a red circle in lcstyle style", "a red circle", "", "in lcstyle style"]
+    assert preserved_rows(caps, TRIGGER, empty_captions=False).tolist() == [False, True, False, False]
+    assert preserved_rows(caps, TRIGGER, empty_captions=True).tolist() == [False, True, True, False]
+
+
+def test_weights_multiply_min_snr_weights_on_preserved_rows_only():
+    rows = torch.tensor([True, False, True])
+    assert preservation_weights(rows, 10.0, None).tolist() == [10.0, 1.0, 10.0]
+    assert preservation_weights(rows, 10.0, torch.tensor([0.5, 0.25, 2.0])).tolist() == [5.0, 0.25, 20.0]
+
+
+def test_select_rows_keeps_tensors_lists_and_nested_dicts_aligned():
+    batch = {"captions": ["a", "b", "c"], "x": torch.arange(3), "cond": {"y": torch.arange(3) * 10}, "n": 7}
+    sub = select_rows(batch, torch.tensor([True, False, True]))
+    assert sub["captions"] == ["a", "c"] and sub["x"].tolist() == [0, 2] and sub["cond"]["y"].tolist() == [0, 20]
+    assert sub["n"] == 7
+
+
+@pytest.mark.parametrize("captions, says", [
+    (["a red circle", "a blue square"], "appears in no caption"),
+    (["a in lcstyle style", "b in lcstyle style"], "appears in every caption"),
+])
+def test_a_trigger_selecting_all_or_nothing_is_refused_naming_the_key_and_folder(captions, says):
+    with pytest.raises(ConfigError, match=f"preserve.trigger 'in lcstyle style' {says}, data/dir"):
+        check_trigger(captions, TRIGGER, "data/dir")
+
+
+def test_preserve_and_dreambooth_together_are_refused():
+    from loracraft.train.config import build_config
+
+    base = {"model": {"base": "m"}, "data": {"path": "d"}}
+    with pytest.raises(ConfigError, match="preserve and dreambooth are both set"):
+        build_config(base, ["preserve.trigger=sks", "dreambooth.instance_prompt=a sks dog",
+                            "dreambooth.class_prompt=a dog"])
+    with pytest.raises(ConfigError, match="preserve.trigger"):
+        build_config(base, ["preserve.weight=2"])  # a section without its required trigger
+
+
+@pytest.fixture(scope="module")
+def half_styled(tmp_path_factory):
+    """Four scenes; the first two captioned with the trigger, the others plain."""
+    from loracraft.infer.testing import write_captioned_dataset
+
+    data = write_captioned_dataset(tmp_path_factory.mktemp("half"), n=4, seed=3)
+    meta = data / "metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    for row in rows[:2]:
+        row["text"] += " " + TRIGGER
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def _plain_diffusers_prediction(tiny_sd, captions, noisy, timesteps):
+    """The base's prediction, computed with nothing of loracraft: fresh diffusers/transformers models."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer"))
+    te = CLIPTextModel.from_pretrained(str(tiny_sd / "text_encoder"))
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sd / "unet"))
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        return unet(noisy, timesteps, te(ids)[0]).sample
+
+
+@pytest.mark.parametrize("text_encoder_lora", [False, True])
+def test_preserved_rows_target_the_base_prediction_with_every_adapter_off(
+        tiny_sd, half_styled, tmp_path, make_trainer, text_encoder_lora):
+    over = {"preserve.trigger": TRIGGER, "preserve.weight": 4, "train.batch_size": 4}
+    if text_encoder_lora:
+        over["lora.text_encoder"] = "{rank: 4, alpha: 4}"
+    trainer = make_trainer(tiny_sd, half_styled, tmp_path / "r", **over)
+    torch.manual_seed(0)
+    for p in trainer.trainables.values():  # a LoRA far from zero: the base pass must switch it off
+        torch.nn.init.normal_(p, std=0.2)
+    batch = next(trainer.batches)
+    caps = batch["captions"]
+    rows = torch.tensor([TRIGGER not in c and c != "" for c in caps])
+    assert 0 < int(rows.sum()) < len(caps)
+    noisy, t = torch.randn(len(caps), 4, 16, 16), torch.randint(0, 1000, (len(caps),))
+    target = torch.zeros_like(noisy)
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    with torch.no_grad():
+        lora_pred = unet(noisy, t, **trainer.conditioning.unet_kwargs(trainer._text(batch), None)).sample
+        new_target, weights = trainer._preserve_base(batch, noisy, t, target, None)
+        lora_pred_after = unet(noisy, t, **trainer.conditioning.unet_kwargs(trainer._text(batch), None)).sample
+
+    base = _plain_diffusers_prediction(tiny_sd, [c for c, r in zip(caps, rows) if r], noisy[rows], t[rows])
+    torch.testing.assert_close(new_target[rows], base, rtol=1e-4, atol=1e-5)
+    assert (lora_pred[rows] - base).abs().max() > 1e-3  # the adapter was on, and it matters
+    assert torch.equal(new_target[~rows], target[~rows])  # other rows keep the noise target
+    assert weights.tolist() == [4.0 if r else 1.0 for r in rows]
+    assert torch.equal(lora_pred, lora_pred_after)  # adapters are back on afterwards
+    assert torch.equal(target, torch.zeros_like(noisy))  # the caller's target is not modified
+
+
+def test_a_fresh_adapter_has_zero_loss_on_preserved_rows(tiny_sd, half_styled, tmp_path, make_trainer):
+    """LoRA's B starts at zero, so the model equals the base: preserved rows contribute nothing."""
+    trainer = make_trainer(tiny_sd, half_styled, tmp_path / "r",
+                           **{"preserve.trigger": TRIGGER, "preserve.weight": 4, "train.batch_size": 4})
+    batch = next(trainer.batches)
+    rows = preserved_rows(batch["captions"], TRIGGER, False)
+    with torch.no_grad():
+        assert trainer.compute_loss(select_rows(batch, rows)).item() == 0.0
+        assert trainer.compute_loss(select_rows(batch, ~rows)).item() > 0.0
+
+
+def test_training_with_a_trigger_in_no_caption_stops_before_loading_weights(
+        tiny_sd, half_styled, tmp_path, make_trainer):
+    trainer = make_trainer(tiny_sd, half_styled, tmp_path / "r", setup=False, **{"preserve.trigger": "zzz"})
+    with pytest.raises(ConfigError, match="preserve.trigger 'zzz' appears in no caption"):
+        trainer.setup()
