@@ -1,11 +1,12 @@
 """``loracraft demo``: the embedded default — learn a visible style on the bundled toy base.
 
 1. writes the style dataset: scenes in the "lcstyle" look (diagonal stripes + dark outline)
-   captioned "... in lcstyle style", plus three times as many plain scenes with plain captions
-   (kohya's regularisation images: they teach the adapter that *without* the trigger nothing
-   changes), and a held-out split of shape/colour combinations never trained on. Measured on
-   the toy base (600 steps): plain:styled 1:1 drifts 28% on non-trigger prompts, 3:1 16-17%,
-   6:1 14% but over-stylises trigger prompts until the shapes dissolve;
+   captioned "... in lcstyle style", plus twice as many plain scenes with plain captions
+   (regularisation: without the trigger nothing should change), and a held-out split of
+   shape/colour combinations never trained on. The plain scenes train toward the base's own
+   prediction (``preserve:`` in ``configs/demo.yaml``), not the noise: measured on the toy base
+   (600 steps), non-trigger drift 17% with 3 plain per styled trained on the noise, 8% with 2
+   plain per styled preserved at weight 10;
 2. trains ``configs/demo.yaml`` on the toy base;
 3. writes a before/after grid (same prompts and seeds, base vs LoRA), runs ``eval`` and the
    report, and prints where everything is.
@@ -26,7 +27,7 @@ from loracraft.infer.scenes import all_combinations, random_scene, render, write
 DEMO_SEED = 0
 
 
-def write_demo_dataset(root: Path, n_style: int = 48, n_plain: int = 144, n_heldout: int = 16) -> Path:
+def write_demo_dataset(root: Path, n_style: int = 48, n_plain: int = 96, n_heldout: int = 16) -> Path:
     """Style train split + plain regularisation scenes + style held-out split (deterministic)."""
     if (root / "train" / "metadata.jsonl").is_file() and (root / "heldout" / "metadata.jsonl").is_file():
         return root
