@@ -889,7 +889,21 @@ def register(subparsers) -> None:
     p.add_argument("--fix-report", metavar="FILE", help="also write every finding to FILE as JSON")
     p.add_argument("--image-column", default="image", help="image column (saved/hub datasets)")
     p.add_argument("--caption-column", default="text", help="caption column / metadata field")
+    p.add_argument("--instance-prompt", metavar="PROMPT",
+                   help="check as DreamBooth instance images trained with PROMPT (dreambooth.instance_prompt): "
+                   "images need no captions")
+    p.add_argument("--captions", choices=("instance_prompt", "prepend"), default="instance_prompt",
+                   help="with --instance-prompt: dreambooth.captions (prepend = 'PROMPT, <caption>')")
     p.set_defaults(func=cmd_check_data)
+
+
+def _instance_caption_rule(prompt: str, captions: str) -> Callable[[str | None], str]:
+    from loracraft.train.config import DreamBoothCfg
+    from loracraft.train.dreambooth import caption_rule
+
+    if not prompt.strip():
+        raise UsageError("--instance-prompt is empty, command line, pass e.g. --instance-prompt \"a photo of sks dog\"")
+    return caption_rule(DreamBoothCfg(instance_prompt=prompt, captions=captions, prior_preservation=False))
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
@@ -902,6 +916,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         raise DataError(f"dataset folder not found, {root}, check the path")
     tokenizer = load_tokenizer(args.base) if args.base else None
     report = check_dataset(args.data_dir, args.resolution, tokenizer, args.image_column, args.caption_column)
+    if args.instance_prompt is not None:
+        report = with_captions(report, _instance_caption_rule(args.instance_prompt, args.captions))
     print(f"loracraft check-data: {report.root} ({report.layout}, {report.images} images)")
     for f in report.findings:
         print(f.line())

@@ -77,6 +77,20 @@ def test_check_data_clean_dataset_exits_zero(capsys, tiny_dataset):
     assert "dataset is trainable" in out and "note: caption token lengths not checked" in out
 
 
+def test_check_data_takes_captionless_dreambooth_instance_images_with_instance_prompt(capsys, tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / f"dog{i}.png")
+    code, out, err = run_main(capsys, "check-data", tmp_path)
+    assert code == 1 and "caption" in out  # as a captioned dataset: every image lacks its caption
+    code, out, err = run_main(capsys, "check-data", tmp_path, "--instance-prompt", "a photo of sks dog")
+    assert code == 0 and error_lines(err) == [] and "dataset is trainable" in out
+    code, out, err = run_main(capsys, "check-data", tmp_path, "--instance-prompt", " ")
+    assert code == 2 and error_lines(err) == ["loracraft: error: --instance-prompt is empty, command line, "
+                                              'pass e.g. --instance-prompt "a photo of sks dog"']
+
+
 @pytest.mark.parametrize(
     "args, code, needles",
     [
