@@ -867,6 +867,7 @@ def convert_lora_file(src: str | Path, dst: str | Path, to: str, *, allow_pickle
     """
     if to not in FORMATS:
         raise UsageError(f"unknown adapter format {to!r}, --to, use one of {', '.join(FORMATS)}")
+    _refuse_lycoris(src)
     adapter = read_lora(src, allow_pickle=allow_pickle)
     out = Path(dst).expanduser()
     if out.is_dir() or out.suffix == "" or str(dst).endswith(("/", "\\")):
@@ -878,6 +879,18 @@ def convert_lora_file(src: str | Path, dst: str | Path, to: str, *, allow_pickle
     if adapter.path is not None and out.resolve() == adapter.path.resolve():
         raise UsageError(f"output would overwrite the input, {dst}, choose another output path")
     return write_lora(adapter, out, to=to)
+
+
+def _refuse_lycoris(src: str | Path) -> None:
+    """LoHa/LoKr: nothing to convert, and saying so beats "unsupported adapter"."""
+    from loracraft.infer.lycoris import is_lycoris_file
+
+    path = resolve_adapter_file(src)
+    if is_lycoris_file(path):
+        raise UsageError(
+            f"LoHa/LoKr weights are already in the kohya/LyCORIS layout that A1111, ComfyUI and kohya load, {path}, "
+            "use the file as is (diffusers has no format for them; loracraft generate --lora loads it)"
+        )
 
 
 # --------------------------------------------------------------------------------------------

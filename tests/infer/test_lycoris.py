@@ -49,3 +49,16 @@ def test_unloadable_lycoris_files_are_one_line_adapter_errors(pipe, tmp_path, te
     assert "bad" not in (getattr(pipe.unet, "peft_config", None) or {}) and not loaded_adapters(pipe)
     with torch.no_grad():
         assert torch.equal(pipe.unet(x, t, ehs).sample, before)
+
+
+@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+def test_convert_of_a_loha_file_says_it_is_already_in_the_loadable_layout(tmp_path, to):
+    from loracraft.infer.errors import UsageError
+    from loracraft.infer.formats import convert_lora_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(_loha(), str(run / "lycoris_weights.safetensors"))
+    with pytest.raises(UsageError, match="already in the kohya/LyCORIS layout .*lycoris_weights.safetensors, use the"):
+        convert_lora_file(run, tmp_path / "out.safetensors", to=to)  # the run folder resolves to its file
+    assert not (tmp_path / "out.safetensors").exists()
