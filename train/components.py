@@ -125,9 +125,11 @@ def freeze_and_cast(c: Components, weight_dtype: torch.dtype) -> None:
     for module in (*c.text_encoders, c.vae, c.unet):
         module.requires_grad_(False)
         module.eval()
-    for module in c.text_encoders:
-        module.to(dtype=weight_dtype)
-    c.unet.to(dtype=weight_dtype)
+    for module in (*c.text_encoders, c.unet):
+        if any(p.dtype != weight_dtype for p in module.parameters()):
+            # Only when needed: diffusers' ModelMixin.to warns on every dtype argument, even a no-op
+            # one ("modules ... should be kept in float32: []").
+            module.to(dtype=weight_dtype)
     # The VAE stays fp32: fp16 VAEs overflow to NaN latents (SDXL especially) and it runs once per image.
 
 

@@ -697,18 +697,8 @@ class LoraTrainer:
         # Every rank's hash goes into the manifest: DDP replicas must hold identical weights.
         rank_hashes = gather_object([tensors_sha256(_flat_state(*states[LORA_WEIGHT_NAME]))])
         if acc.is_main_process:
-            te_config = self.te_lora_config.to_dict() if self.te_lora_config else None
-            te2_config = self.te2_lora_config.to_dict() if self.te2_lora_config else None
-            for name, (unet_state, te_state, te2_state) in states.items():
-                if self.cfg.lora.type != "lora":
-                    lo = self.cfg.lora
-                    save_lycoris(self._adapter_file(name), unet_state, lo.type, lo.rank, lo.alpha, self._adapter_metadata())
-                    continue
-                save_diffusers_lora(
-                    self.run_dir / name, unet_state, self.lora_config.to_dict(), self._adapter_metadata(),
-                    text_encoder_state=te_state, text_encoder_lora_config=te_config,
-                    text_encoder_2_state=te2_state, text_encoder_2_lora_config=te2_config,
-                )
+            for name, state in states.items():
+                self._save_adapter(name, *state)
             self._write_manifest(status="complete", weights_sha256=rank_hashes[0], rank_weights_sha256=rank_hashes)
             self._print(f"adapter written to {out}")
             if self.cfg.lora.type != "lora":
@@ -725,6 +715,20 @@ class LoraTrainer:
         self._release_ddp_wrappers()
         acc.end_training()
         return out
+
+    def _save_adapter(self, name: str, unet_state: dict, te_state: dict | None, te2_state: dict | None) -> None:
+        """LoRA: diffusers/PEFT format (text encoders included); LoHa/LoKr: the kohya/LyCORIS layout."""
+        lo = self.cfg.lora
+        if lo.type != "lora":
+            save_lycoris(self._adapter_file(name), unet_state, lo.type, lo.rank, lo.alpha, self._adapter_metadata())
+            return
+        save_diffusers_lora(
+            self.run_dir / name, unet_state, self.lora_config.to_dict(), self._adapter_metadata(),
+            text_encoder_state=te_state,
+            text_encoder_lora_config=self.te_lora_config.to_dict() if self.te_lora_config else None,
+            text_encoder_2_state=te2_state,
+            text_encoder_2_lora_config=self.te2_lora_config.to_dict() if self.te2_lora_config else None,
+        )
 
     def _release_ddp_wrappers(self) -> None:
         """DDP's reducer keeps the process group alive; left to interpreter teardown, gloo's
