@@ -185,8 +185,10 @@ class LoraTrainer:
                 f"train.batch_size={t.batch_size}{per} is larger than the dataset ({samples} samples per epoch), "
                 f"{d.path}, lower train.batch_size to at most {samples // acc.num_processes or 1} or add images"
             )
-        if self.cfg.preserve is not None:
-            check_trigger([images.caption(i) for i in range(len(images))], self.cfg.preserve.trigger, d.path)
+        if (p := self.cfg.preserve) is not None:
+            plain = check_trigger([images.caption(i) for i in range(len(images))], p.trigger, d.path)
+            self._print(f"preserve: {plain} of {len(images)} images have captions without {p.trigger!r}; they train "
+                        f"toward the base model's own prediction (weight {p.weight:g})")
         self.dataset_fingerprint = images.fingerprint()
         if self.dreambooth:  # plus the user's class images
             self.dataset_fingerprint = self.dreambooth.dataset_fingerprint(self.dataset_fingerprint)

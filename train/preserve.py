@@ -27,8 +27,9 @@ def preserved_rows(captions: Sequence[str], trigger: str, empty_captions: bool) 
     )
 
 
-def check_trigger(captions: Sequence[str], trigger: str, data_path: str) -> None:
-    """Refuse a trigger that selects all or none of the dataset: one side would learn nothing."""
+def check_trigger(captions: Sequence[str], trigger: str, data_path: str) -> int:
+    """How many captions lack the trigger; a trigger that selects all or none of the dataset is
+    refused (one side would learn nothing)."""
     with_trigger = sum(trigger in c for c in captions)
     if with_trigger == 0:
         raise ConfigError(
@@ -40,6 +41,7 @@ def check_trigger(captions: Sequence[str], trigger: str, data_path: str) -> None
             f"preserve.trigger {trigger!r} appears in every caption, {data_path}, so nothing is preserved; add "
             "regularisation images with captions without it, or set preserve=null"
         )
+    return len(captions) - with_trigger
 
 
 @contextmanager

@@ -37,6 +37,7 @@ def test_select_rows_keeps_tensors_lists_and_nested_dicts_aligned():
 def test_a_trigger_selecting_all_or_nothing_is_refused_naming_the_key_and_folder(captions, says):
     with pytest.raises(ConfigError, match=f"preserve.trigger 'in lcstyle style' {says}, data/dir"):
         check_trigger(captions, TRIGGER, "data/dir")
+    assert check_trigger(["a in lcstyle style", "b", "c"], TRIGGER, "data/dir") == 2
 
 
 def test_preserve_and_dreambooth_together_are_refused():
@@ -100,7 +101,7 @@ def test_preserved_rows_target_the_base_prediction_with_every_adapter_off(
         new_target, weights = trainer._preserve_base(batch, noisy, t, target, None)
         lora_pred_after = unet(noisy, t, **trainer.conditioning.unet_kwargs(trainer._text(batch), None)).sample
 
-    base = _plain_diffusers_prediction(tiny_sd, [c for c, r in zip(caps, rows) if r], noisy[rows], t[rows])
+    base = _plain_diffusers_prediction(tiny_sd, [c for c, r in zip(caps, rows, strict=True) if r], noisy[rows], t[rows])
     torch.testing.assert_close(new_target[rows], base, rtol=1e-4, atol=1e-5)
     assert (lora_pred[rows] - base).abs().max() > 1e-3  # the adapter was on, and it matters
     assert torch.equal(new_target[~rows], target[~rows])  # other rows keep the noise target
