@@ -82,6 +82,20 @@ SDXL_PIPELINES = (
 )
 
 
+def refiner_error(base: str) -> ModelError:
+    """The SDXL refiner has no first text encoder and only works as img2img after the SDXL base."""
+    return ModelError(
+        f"this is an SDXL refiner (no first text encoder; it only refines the base's images), {base}, use "
+        "the SDXL base model (e.g. stabilityai/stable-diffusion-xl-base-1.0) for training and generation"
+    )
+
+
+def is_refiner_index(index: dict) -> bool:
+    """``model_index.json`` of an SDXL refiner: ``text_encoder`` null, ``text_encoder_2`` present."""
+    te, te2 = index.get("text_encoder"), index.get("text_encoder_2")
+    return (not te or te[0] is None) and bool(te2) and te2[0] is not None
+
+
 def folder_family(path: str | Path) -> str:
     """``"sdxl"`` or ``"sd"`` from a diffusers folder's ``model_index.json`` ``_class_name``.
 
@@ -260,6 +274,8 @@ def load_base(
             f"not a Stable Diffusion pipeline ({type(pipe).__name__} has no unet/vae), {text}, "
             "pass a Stable Diffusion 1.x/2.x/XL model"
         )
+    if getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "text_encoder", None) is None:
+        raise refiner_error(text)
     try:
         pipe = pipe.to(device)
     except (RuntimeError, AssertionError) as e:

@@ -105,9 +105,11 @@ def base_family(base: str, revision: str | None = None) -> str:
     the field diffusers itself dispatches pipelines on."""
     from diffusers import DiffusionPipeline
 
-    from loracraft.infer.models import SDXL_PIPELINES
+    from loracraft.infer.models import SDXL_PIPELINES, is_refiner_index, refiner_error
 
     index = DiffusionPipeline.load_config(base, revision=revision)
+    if is_refiner_index(index):
+        raise refiner_error(base)
     return "sdxl" if index.get("_class_name") in SDXL_PIPELINES else "sd"
 
 

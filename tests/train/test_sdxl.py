@@ -255,3 +255,27 @@ def test_heldout_loss_of_loracraft_eval_works_on_sdxl(tiny_sdxl, sdxl_data):
     assert np.isfinite(loss) and loss > 0
     # the same figure again: noise and timesteps are fixed per image
     assert heldout_loss(pipe, images, 32) == loss
+
+
+def test_an_sdxl_refiner_is_refused_by_train_and_generate_with_a_one_line_fix(tiny_sdxl, tmp_path):
+    """The refiner has no first text encoder (model_index.json `text_encoder: [null, null]`)."""
+    import json
+    import shutil
+
+    from loracraft.infer.errors import ModelError
+    from loracraft.infer.models import load_base
+    from loracraft.train.components import load_components
+
+    refiner = tmp_path / "refiner"
+    shutil.copytree(tiny_sdxl, refiner)
+    index = json.loads((refiner / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusionXLImg2ImgPipeline", text_encoder=[None, None], tokenizer=[None, None],
+                 requires_aesthetics_score=True)
+    (refiner / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(refiner / "text_encoder")
+    shutil.rmtree(refiner / "tokenizer")
+    for load in (load_base, load_components):
+        with pytest.raises(ModelError, match=r"^this is an SDXL refiner .*, use the SDXL base model") as e:
+            load(str(refiner))
+        assert str(refiner) in str(e.value) and "\n" not in str(e.value)
+    assert load_components(str(tiny_sdxl)).text_encoder_2 is not None  # the base itself loads
