@@ -1,6 +1,14 @@
-"""Bad input at the command line: one line naming the problem, the DESIGN.md exit code, no traceback."""
+"""Bad input at the command line: one line naming the problem, the DESIGN.md exit code, no traceback.
+
+In-process through ``loracraft.train.cli.main`` (a subprocess costs ~10 s of imports per case); the
+installed entry point itself is exercised by ``test_debug_shows_the_traceback`` and the e2e runs.
+"""
+
+from types import SimpleNamespace
 
 import pytest
+
+from loracraft.train.cli import main
 
 
 def _one_line_error(proc, code, *needles):
@@ -11,6 +19,17 @@ def _one_line_error(proc, code, *needles):
     for needle in needles:
         assert needle in proc.stderr, (needle, proc.stderr)
     return lines
+
+
+@pytest.fixture
+def run(capsys):
+    """``run("train", ...)`` -> (returncode, stderr), like the ``cli`` subprocess fixture."""
+
+    def call(*argv):
+        code = main([str(a) for a in argv])
+        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+
+    return call
 
 
 @pytest.fixture
@@ -26,49 +45,49 @@ def recipe(tmp_path, tiny_sd, tiny_dataset):
 GOOD = "model: {base: @BASE@}\ndata: {path: @DATA@, resolution: 32}\noutput: {dir: @OUT@, report_to: []}\n"
 
 
-def test_missing_config_file(tmp_path, cli):
-    _one_line_error(cli("train", tmp_path / "missing.yaml"), 2, "config file not found", "missing.yaml")
+def test_missing_config_file(tmp_path, run):
+    _one_line_error(run("train", tmp_path / "missing.yaml"), 2, "config file not found", "missing.yaml")
 
 
-def test_unknown_key(recipe, cli):
-    lines = _one_line_error(cli("train", recipe(GOOD + "lora: {rnak: 4}\n")), 2, "lora.rnak", "lora.rank")
+def test_unknown_key(recipe, run):
+    lines = _one_line_error(run("train", recipe(GOOD + "lora: {rnak: 4}\n")), 2, "lora.rnak", "lora.rank")
     assert len(lines) == 1
 
 
-def test_wrong_type(recipe, cli):
-    _one_line_error(cli("train", recipe(GOOD), "train.max_steps=lots"), 2, "train.max_steps", "lots")
+def test_wrong_type(recipe, run):
+    _one_line_error(run("train", recipe(GOOD), "train.max_steps=lots"), 2, "train.max_steps", "lots")
 
 
-def test_missing_dataset_dir(recipe, tmp_path, cli):
+def test_missing_dataset_dir(recipe, tmp_path, run):
     text = GOOD.replace("@DATA@", str(tmp_path / "no-such-data"))
-    _one_line_error(cli("train", recipe(text)), 1, "dataset folder not found", "no-such-data")
+    _one_line_error(run("train", recipe(text)), 1, "dataset folder not found", "no-such-data")
 
 
-def test_dataset_with_zero_images(recipe, tmp_path, cli):
+def test_dataset_with_zero_images(recipe, tmp_path, run):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metadata.jsonl").write_text("")
     text = GOOD.replace("@DATA@", str(empty))
-    _one_line_error(cli("train", recipe(text)), 1, str(empty))
+    _one_line_error(run("train", recipe(text)), 1, str(empty))
 
 
-def test_missing_caption_column(recipe, cli):
+def test_missing_caption_column(recipe, run):
     _one_line_error(
-        cli("train", recipe(GOOD), "data.caption_column=prompt"), 1, "no column 'prompt'", "data.caption_column"
+        run("train", recipe(GOOD), "data.caption_column=prompt"), 1, "no column 'prompt'", "data.caption_column"
     )
 
 
-def test_base_that_is_not_a_diffusers_model(recipe, tmp_path, cli):
+def test_base_that_is_not_a_diffusers_model(recipe, tmp_path, run):
     (tmp_path / "notamodel").mkdir()
     text = GOOD.replace("@BASE@", str(tmp_path / "notamodel"))
-    _one_line_error(cli("train", recipe(text)), 2, "not a diffusers model", "notamodel")
+    _one_line_error(run("train", recipe(text)), 2, "not a diffusers model", "notamodel")
 
 
-def test_pickle_base_refused(recipe, tmp_path, cli):
+def test_pickle_base_refused(recipe, tmp_path, run):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not really")
     text = GOOD.replace("@BASE@", str(ckpt))
-    _one_line_error(cli("train", recipe(text)), 2, "pickle", "model.ckpt")
+    _one_line_error(run("train", recipe(text)), 2, "pickle", "model.ckpt")
 
 
 def test_debug_shows_the_traceback(tmp_path, cli):
