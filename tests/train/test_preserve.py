@@ -79,12 +79,11 @@ def _plain_diffusers_prediction(tiny_sd, captions, noisy, timesteps):
         return unet(noisy, timesteps, te(ids)[0]).sample
 
 
-@pytest.mark.parametrize("text_encoder_lora", [False, True])
+@pytest.mark.parametrize("adapter", [{}, {"lora.text_encoder": "{rank: 4, alpha: 4}"}, {"lora.type": "loha"}],
+                         ids=["unet-lora", "with-text-encoder-lora", "loha"])
 def test_preserved_rows_target_the_base_prediction_with_every_adapter_off(
-        tiny_sd, half_styled, tmp_path, make_trainer, text_encoder_lora):
-    over = {"preserve.trigger": TRIGGER, "preserve.weight": 4, "train.batch_size": 4}
-    if text_encoder_lora:
-        over["lora.text_encoder"] = "{rank: 4, alpha: 4}"
+        tiny_sd, half_styled, tmp_path, make_trainer, adapter):
+    over = {"preserve.trigger": TRIGGER, "preserve.weight": 4, "train.batch_size": 4, **adapter}
     trainer = make_trainer(tiny_sd, half_styled, tmp_path / "r", **over)
     torch.manual_seed(0)
     for p in trainer.trainables.values():  # a LoRA far from zero: the base pass must switch it off
