@@ -277,3 +277,20 @@ def toy_base_path() -> Path:
             "python scripts/build_toy_base.py --out infer/assets/toy-base"
         )
     return path
+
+
+def run_infer_cli(*argv) -> tuple[int, list[str]]:
+    """In-process ``loracraft generate|convert ...`` as the entry point runs them: parse, dispatch,
+    and map a LoracraftError to ``(exit code, problems)``; success is ``(0, [])``."""
+    import argparse
+
+    from loracraft.infer.cli import register
+    from loracraft.infer.errors import LoracraftError
+
+    parser = argparse.ArgumentParser(prog="loracraft")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([str(a) for a in argv])
+    try:
+        return args.func(args), []
+    except LoracraftError as e:
+        return e.exit_code, e.problems

@@ -492,7 +492,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, raw
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for ``key`` ``a.b.c``, making (or replacing non-dict) parents."""
     parts = key.split(".")
     node = tree
     for part in parts[:-1]:
@@ -549,7 +550,7 @@ def build_config(data: dict, overrides: list[str] | None = None, source: str = "
         except ConfigError as e:
             problems += e.problems
             continue
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as e:

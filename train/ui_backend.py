@@ -82,16 +82,6 @@ def _get(tree: dict, dotted: str) -> Any:
     return node
 
 
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
 def parse_yaml(text: str) -> dict:
     """The editor's text as a mapping; a one-line ConfigError if it is not YAML or not a mapping."""
     try:
@@ -133,13 +123,15 @@ def read_fields(text: str) -> dict[str, Any]:
 
 def set_fields(text: str, values: dict[str, Any]) -> str:
     """The YAML text with ``values`` (dotted keys) written into it; other keys kept as they are."""
+    from loracraft.train.config import set_dotted
+
     data = parse_yaml(text)
     for key, value in values.items():
         if key == "validation.prompts" and isinstance(value, str):
             value = [line.strip() for line in value.splitlines() if line.strip()]
         if value == "" and key in ("model.base", "data.path"):
             value = None
-        _set(data, key, value)
+        set_dotted(data, key, value)
     return dump_yaml(data)
 
 

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from loracraft.infer.cli import register
-from loracraft.infer.errors import LoracraftError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, read_lora, read_safetensors
-
-
-def run(*argv, capsys=None):
-    """What the `loracraft` entry point does with our subcommands: parse, dispatch, map errors."""
-    parser = argparse.ArgumentParser(prog="loracraft")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([str(a) for a in argv])
-    try:
-        return args.func(args), []
-    except LoracraftError as e:
-        return e.exit_code, e.problems
+from loracraft.infer.testing import run_infer_cli as run
 
 
 def written(capsys) -> list[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -11,21 +9,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from loracraft.infer.adapters import load_adapter, unload
-from loracraft.infer.cli import register
-from loracraft.infer.errors import AdapterError, LoracraftError
+from loracraft.infer.errors import AdapterError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, read_lora, read_safetensors, write_lora
 from loracraft.infer.generate import generate
 from loracraft.infer.models import folder_family, load_base, model_family
-
-
-def run(*argv):
-    parser = argparse.ArgumentParser(prog="loracraft")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([str(a) for a in argv])
-    try:
-        return args.func(args), []
-    except LoracraftError as e:
-        return e.exit_code, e.problems
+from loracraft.infer.testing import run_infer_cli as run
 
 
 @pytest.fixture(scope="module")
