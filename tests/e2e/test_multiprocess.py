@@ -21,10 +21,18 @@ def recipe(tmp_path_factory, tiny_sd):
 
     root = tmp_path_factory.mktemp("mp")
     data = write_captioned_dataset(root / "data", n=5, seed=21)
+    # Two styled captions, three plain ones preserved toward the base's prediction: every test
+    # here also covers preserve's extra base pass under DDP (ranks, resume, 2 procs == 1).
+    meta = data / "metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    for row in rows[:2]:
+        row["text"] += " in lcstyle style"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
     p = root / "mp.yaml"
     p.write_text(
         f"model: {{base: {tiny_sd}}}\n"
         f"data: {{path: {data}, resolution: 32, random_flip: true}}\n"
+        "preserve: {trigger: in lcstyle style, weight: 4}\n"
         "lora: {rank: 4, alpha: 4}\n"
         f"train: {{max_steps: {STEPS}, lr: 1.0e-3}}\n"
         "checkpoint: {every: 3}\n"
@@ -52,6 +60,7 @@ def two_proc(recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "run"
     proc = _torchrun(recipe, out, "train.batch_size=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "preserve: 3 of 5 images have captions without 'in lcstyle style'" in proc.stderr
     return out
 
 
