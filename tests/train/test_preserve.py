@@ -145,3 +145,29 @@ def test_preserved_training_resumes_exactly(
     assert any(p.abs().max() > 0 for n, p in a.trainables.items() if "lora_B" in n)
     for n, p in a.trainables.items():
         assert torch.equal(p, c.trainables[n]), n
+
+
+def test_sdxl_preserved_rows_keep_their_own_text_and_size_conditioning(tiny_sdxl, half_styled, tmp_path, make_trainer):
+    """SDXL's extra inputs (pooled text, add_time_ids) must be sub-selected with the rows: the
+    sub-batch base pass equals diffusers' own adapter switch on the whole batch, row for row."""
+    trainer = make_trainer(tiny_sdxl, half_styled, tmp_path / "r",
+                           **{"preserve.trigger": TRIGGER, "train.batch_size": 4})
+    torch.manual_seed(0)
+    for p in trainer.trainables.values():
+        torch.nn.init.normal_(p, std=0.2)
+    batch = next(trainer.batches)
+    rows = preserved_rows(batch["captions"], TRIGGER, False)
+    assert 0 < int(rows.sum()) < len(rows)
+    n, shape = len(rows), batch["latent_mean"].shape[1:]
+    noisy, t = torch.randn(n, *shape), torch.randint(0, 1000, (n,))
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    kwargs = trainer.conditioning.unet_kwargs(trainer._text(batch), batch["size_cond"])
+    assert "added_cond_kwargs" in kwargs
+    with torch.no_grad():
+        target, _ = trainer._preserve_base(batch, noisy, t, torch.zeros_like(noisy), None)
+        unet.disable_adapters()
+        whole = unet(noisy, t, **kwargs).sample
+        unet.enable_adapters()
+        lora = unet(noisy, t, **kwargs).sample
+    torch.testing.assert_close(target[rows], whole[rows], rtol=1e-4, atol=1e-5)
+    assert (lora[rows] - whole[rows]).abs().max() > 1e-3
