@@ -3,7 +3,8 @@
     python scripts/bench_train.py [--quick] [--json FILE] [--models sd15-small,tiny] [--threads N] ...
 
 Variants: (a) floor (bare UNet fwd+bwd+AdamW on precomputed inputs), (b) loracraft with
-cache, (c) loracraft without cache, (d) the reference script's per-step work, re-implemented.
+cache, (c) loracraft without cache, (d) the reference script's per-step work, re-implemented,
+(e) (b) over 2 torchrun processes sharing the cores, (f) (b) with ``preserve`` on half of each batch.
 The logic lives in ``loracraft.train.bench``; see its docstring for the method.
 """
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import json
 import math
 import os
 import random
@@ -144,6 +145,22 @@ MODELS: dict[str, BenchModel] = {
 }
 
 
+#: Appended to every other caption of the bench dataset, so that (f) preserves half of each batch.
+#: Captions are padded to the tokenizer's length, so the other variants' work is unchanged.
+PRESERVE_TRIGGER = "in lcstyle style"
+
+
+def mark_half_styled(data_dir: Path) -> Path:
+    """Even rows of ``metadata.jsonl`` get the trigger; odd rows stay plain (preserved in (f))."""
+    meta = Path(data_dir) / "metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        if i % 2 == 0 and PRESERVE_TRIGGER not in row["text"]:
+            row["text"] = f"{row['text']} {PRESERVE_TRIGGER}"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return Path(data_dir)
+
+
 # ----------------------------------------------------------------------------- what one model's run shares
 @dataclass
 class BenchSpec:
@@ -165,7 +182,7 @@ class BenchSpec:
     num_workers: int = 0  # DataLoader workers of (d); the reference script's default is 0
     overrides: list[str] = field(default_factory=list)  # extra loracraft overrides for (b) and (c)
 
-    def loracraft_overrides(self, cache: bool, out_dir: str) -> list[str]:
+    def loracraft_overrides(self, cache: bool, out_dir: str, extra: tuple[str, ...] = ()) -> list[str]:
         return [
             f"data.resolution={self.resolution}",
             f"data.center_crop={str(self.center_crop).lower()}",
@@ -184,14 +201,15 @@ class BenchSpec:
             f"train.cache={str(cache).lower()}",
             f"train.cache_dir={Path(out_dir).parent / 'cache'}",  # fresh per variant: a cold cache
             *self.overrides,
+            *extra,
         ]
 
-    def loracraft_config(self, cache: bool, out_dir: str):
+    def loracraft_config(self, cache: bool, out_dir: str, extra: tuple[str, ...] = ()):
         from loracraft.train.config import build_config
 
         return build_config(
             {"model": {"base": self.model_dir}, "data": {"path": self.data_dir}},
-            self.loracraft_overrides(cache, out_dir),
+            self.loracraft_overrides(cache, out_dir, extra),
             source="benchmark",
         )
 
@@ -447,18 +465,18 @@ class FloorRunner(Runner):
 
 
 class LoracraftRunner(Runner):
-    """(b)/(c) loracraft's ``LoraTrainer``: real ``setup()``, real ``_optimizer_step()``."""
+    """(b)/(c)/(f) loracraft's ``LoraTrainer``: real ``setup()``, real ``_optimizer_step()``."""
 
-    def __init__(self, spec: BenchSpec, work: Path, cache: bool):
+    def __init__(self, spec: BenchSpec, work: Path, cache: bool, extra: tuple[str, ...] = ()):
         super().__init__(spec, work)
-        self.cache = cache
+        self.cache, self.extra = cache, extra
 
     def setup(self) -> dict:
         from accelerate.state import AcceleratorState
 
         from loracraft.train.loop import LoraTrainer
 
-        cfg = self.spec.loracraft_config(self.cache, str(self.work / "run"))
+        cfg = self.spec.loracraft_config(self.cache, str(self.work / "run"), self.extra)
         AcceleratorState._reset_state(reset_partial_state=True)
         self.trainer = trainer = LoraTrainer(cfg)
         timed: dict[str, float] = {}
@@ -637,11 +655,15 @@ VARIANTS: dict[str, Variant] = {
         # them (threads per process = --threads / 2), so (e)/(b) in samples/s is the scaling figure.
         Variant("e", "loracraft, train.cache=true, 2 procs (torchrun)",
                 lambda s, w: LoracraftRunner(s, w, cache=True), processes=2),
+        # (b) plus `preserve`: half of every batch also runs the base (adapters off, no grad), so
+        # (f)/(b) is the price of base-prediction regularisation.
+        Variant("f", "loracraft, train.cache=true, preserve (1/2 rows)",
+                lambda s, w: LoracraftRunner(s, w, cache=True, extra=(f"preserve.trigger={PRESERVE_TRIGGER}",))),
     )
 }
 
 #: What a plain ``BenchConfig()`` measures; ``quick()`` leaves out the multi-process variant.
-DEFAULT_VARIANTS = ["a", "b", "c", "d", "e"]
+DEFAULT_VARIANTS = ["a", "b", "c", "d", "e", "f"]
 
 
 # ----------------------------------------------------------------------------- workers (process isolation)
@@ -971,7 +993,7 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **kw) -> BenchConfig:
-        return replace(cls(models=["tiny"], variants=list("abcd"), images=8, warmup=1, window=2, rounds=2), **kw)
+        return replace(cls(models=["tiny"], variants=list("abcdf"), images=8, warmup=1, window=2, rounds=2), **kw)
 
 
 def _summarize(
@@ -1013,7 +1035,7 @@ def ratios(result: dict, spec: BenchSpec) -> dict:
     This is the place to add a ratio line (e.g. issue 7's samples/s of 2 processes over 1).
     """
     v = result["variants"]
-    pairs = [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c")]
+    pairs = [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c"), ("f", "b")]
     pairs = [(x, y) for x, y in pairs if x in v and y in v]
     # Speed ratio = ratio of the median steps/s (wall clock), the headline figure; two cross-checks:
     # "paired" = median over rounds of the ratio within a round (both windows ran back to back,
@@ -1026,7 +1048,7 @@ def ratios(result: dict, spec: BenchSpec) -> dict:
         for x, y in pairs
     }
     out["cpu"] = {f"{x}/{y}": v[y]["cpu_ms_per_step"] / v[x]["cpu_ms_per_step"] for x, y in pairs}
-    for x, y in [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c")]:
+    for x, y in [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c"), ("f", "b")]:
         out.setdefault(f"{x}/{y}", None)
     out["samples_e/samples_b"] = None
     if "b" in v and "e" in v:  # issue 7: throughput of 2 processes over 1, the same cores
@@ -1091,7 +1113,7 @@ def measure_model(
     model_dir = Path(model_dir) if model_dir else mroot / "model"
     if not (model_dir / "model_index.json").is_file():
         model.builder(model_dir, seed=cfg.seed)
-    data_dir = write_captioned_dataset(mroot / "data", n=cfg.images, px=model.image_px, seed=cfg.seed)
+    data_dir = mark_half_styled(write_captioned_dataset(mroot / "data", n=cfg.images, px=model.image_px, seed=cfg.seed))
     spec = BenchSpec(
         model=model.name,
         model_dir=str(model_dir),
@@ -1244,6 +1266,8 @@ def format_report(results: dict) -> str:
                 f"1 x {b['settings']['threads']} thread(s) {b['samples_per_s']:.1f} samples/s -> "
                 f"(e)/(b) {q['samples_e/samples_b']:.2f} (paired {q['paired']['samples_e/samples_b']:.2f})"
             )
+        if q.get("f/b") is not None:
+            lines.append(f"  preserve (base pass over half of each batch): (f)/(b) {_ratio(q, 'f/b')} in steps/s")
         if q.get("cache_cost_epoch_fraction") is not None:
             lines.append(
                 f"  one-time caching cost: {q['cache_cost_s']:.2f} s = {q['cache_cost_epoch_fraction']:.2f} of one "

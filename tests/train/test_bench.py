@@ -37,17 +37,17 @@ def _check_model_result(r: dict, variants: str) -> None:
 
 @pytest.fixture(scope="module")
 def quick_tiny(tiny_sd, tmp_path_factory):
-    """Quick mode on the tiny model, all four variants, one process each (the default)."""
+    """Quick mode on the tiny model, every single-process variant, one process each (the default)."""
     cfg = BenchConfig.quick(threads=1, window=1)
     root = tmp_path_factory.mktemp("bench")
     return measure_model(MODELS["tiny"], cfg, root, log=lambda _m: None, model_dir=tiny_sd)
 
 
 def test_quick_mode_runs_every_variant(quick_tiny):
-    _check_model_result(quick_tiny, "abcd")
+    _check_model_result(quick_tiny, "abcdf")
     assert quick_tiny["checks"]["same_lora_modules_d_b"]
     q = quick_tiny["ratios"]
-    for key in ("b/a", "b/d", "c/a", "d/a", "rss_b/rss_d", "cache_cost_s", "uncached_epoch_s"):
+    for key in ("b/a", "b/d", "c/a", "d/a", "f/b", "rss_b/rss_d", "cache_cost_s", "uncached_epoch_s"):
         assert q[key] > 0, key
     assert q["paired"]["b/a"] > 0 and q["cpu"]["b/d"] > 0
     assert q["cache_cost_source"] == "timed cache fill"
@@ -124,3 +124,17 @@ def test_reference_transforms_match_torchvision_semantics():
     t = ref_to_normalized_tensor(Image.fromarray(np.array([[[0, 255, 127]]], dtype=np.uint8)))
     assert t.shape == (3, 1, 1)
     torch.testing.assert_close(t.flatten(), torch.tensor([-1.0, 1.0, 127 / 127.5 - 1.0]))
+
+
+def test_variant_f_preserves_the_plain_half_of_the_bench_dataset(tmp_path):
+    from loracraft.infer.testing import write_captioned_dataset
+    from loracraft.train.bench import PRESERVE_TRIGGER, VARIANTS, BenchSpec, mark_half_styled
+    from loracraft.train.preserve import preserved_rows
+
+    data = mark_half_styled(write_captioned_dataset(tmp_path / "d", n=6))
+    captions = [json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines()]
+    assert preserved_rows(captions, PRESERVE_TRIGGER, False).tolist() == [False, True] * 3
+    spec = BenchSpec(model="tiny", model_dir="m", data_dir=str(data), work_dir=str(tmp_path / "w"), resolution=32)
+    runner = VARIANTS["f"].make(spec, tmp_path / "w" / "f")
+    assert runner.spec.loracraft_config(True, str(tmp_path / "o"), runner.extra).preserve.trigger == PRESERVE_TRIGGER
+    assert spec.loracraft_config(True, str(tmp_path / "o")).preserve is None  # (b) stays without it
