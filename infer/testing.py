@@ -19,6 +19,7 @@ __all__ = [
     "build_tiny_sd",
     "build_tiny_sdxl",
     "write_captioned_dataset",
+    "append_to_captions",
     "toy_base_path",
     "TINY_SD_SHAPE",
     "TINY_SDXL_SHAPE",
@@ -277,6 +278,18 @@ def toy_base_path() -> Path:
             "python scripts/build_toy_base.py --out infer/assets/toy-base"
         )
     return path
+
+
+def append_to_captions(data_dir: str | Path, text: str, rows) -> Path:
+    """Append `` text`` to the captions of ``rows`` (indices) in ``data_dir/metadata.jsonl``, e.g. a
+    trigger phrase on part of a dataset; a caption already holding it is left alone."""
+    meta = Path(data_dir) / "metadata.jsonl"
+    entries = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i in rows:
+        if text not in entries[i]["text"]:
+            entries[i]["text"] = f"{entries[i]['text']} {text}"
+    meta.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
+    return Path(data_dir)
 
 
 def run_infer_cli(*argv) -> tuple[int, list[str]]:

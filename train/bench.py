@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import json
 import math
 import os
 import random
@@ -150,15 +149,11 @@ MODELS: dict[str, BenchModel] = {
 PRESERVE_TRIGGER = "in lcstyle style"
 
 
-def mark_half_styled(data_dir: Path) -> Path:
-    """Even rows of ``metadata.jsonl`` get the trigger; odd rows stay plain (preserved in (f))."""
-    meta = Path(data_dir) / "metadata.jsonl"
-    rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for i, row in enumerate(rows):
-        if i % 2 == 0 and PRESERVE_TRIGGER not in row["text"]:
-            row["text"] = f"{row['text']} {PRESERVE_TRIGGER}"
-    meta.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return Path(data_dir)
+def mark_half_styled(data_dir: Path, n: int) -> Path:
+    """Even rows of the ``n``-image dataset get the trigger; odd rows stay plain (preserved in (f))."""
+    from loracraft.infer.testing import append_to_captions
+
+    return append_to_captions(data_dir, PRESERVE_TRIGGER, range(0, n, 2))
 
 
 # ----------------------------------------------------------------------------- what one model's run shares
@@ -1029,14 +1024,17 @@ def _summarize(
     }
 
 
+#: The speed ratios (x)/(y) reported for every model (None where a variant was not measured).
+RATIO_PAIRS = [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c"), ("f", "b")]
+
+
 def ratios(result: dict, spec: BenchSpec) -> dict:
     """The figures the issue asks for, from one model's per-variant results (None when not measured).
 
     This is the place to add a ratio line (e.g. issue 7's samples/s of 2 processes over 1).
     """
     v = result["variants"]
-    pairs = [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c"), ("f", "b")]
-    pairs = [(x, y) for x, y in pairs if x in v and y in v]
+    pairs = [(x, y) for x, y in RATIO_PAIRS if x in v and y in v]
     # Speed ratio = ratio of the median steps/s (wall clock), the headline figure; two cross-checks:
     # "paired" = median over rounds of the ratio within a round (both windows ran back to back,
     # under nearly the same load), "cpu" = ratio of CPU time per step (load-insensitive).
@@ -1048,7 +1046,7 @@ def ratios(result: dict, spec: BenchSpec) -> dict:
         for x, y in pairs
     }
     out["cpu"] = {f"{x}/{y}": v[y]["cpu_ms_per_step"] / v[x]["cpu_ms_per_step"] for x, y in pairs}
-    for x, y in [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c"), ("f", "b")]:
+    for x, y in RATIO_PAIRS:
         out.setdefault(f"{x}/{y}", None)
     out["samples_e/samples_b"] = None
     if "b" in v and "e" in v:  # issue 7: throughput of 2 processes over 1, the same cores
@@ -1113,7 +1111,8 @@ def measure_model(
     model_dir = Path(model_dir) if model_dir else mroot / "model"
     if not (model_dir / "model_index.json").is_file():
         model.builder(model_dir, seed=cfg.seed)
-    data_dir = mark_half_styled(write_captioned_dataset(mroot / "data", n=cfg.images, px=model.image_px, seed=cfg.seed))
+    data_dir = write_captioned_dataset(mroot / "data", n=cfg.images, px=model.image_px, seed=cfg.seed)
+    mark_half_styled(data_dir, cfg.images)
     spec = BenchSpec(
         model=model.name,
         model_dir=str(model_dir),

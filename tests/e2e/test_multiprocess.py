@@ -17,17 +17,13 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_sd):
-    from loracraft.infer.testing import write_captioned_dataset
+    from loracraft.infer.testing import append_to_captions, write_captioned_dataset
 
     root = tmp_path_factory.mktemp("mp")
     data = write_captioned_dataset(root / "data", n=5, seed=21)
     # Two styled captions, three plain ones preserved toward the base's prediction: every test
     # here also covers preserve's extra base pass under DDP (ranks, resume, 2 procs == 1).
-    meta = data / "metadata.jsonl"
-    rows = [json.loads(line) for line in meta.read_text().splitlines()]
-    for row in rows[:2]:
-        row["text"] += " in lcstyle style"
-    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    append_to_captions(data, "in lcstyle style", [0, 1])
     p = root / "mp.yaml"
     p.write_text(
         f"model: {{base: {tiny_sd}}}\n"

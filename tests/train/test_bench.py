@@ -131,7 +131,7 @@ def test_variant_f_preserves_the_plain_half_of_the_bench_dataset(tmp_path):
     from loracraft.train.bench import PRESERVE_TRIGGER, VARIANTS, BenchSpec, mark_half_styled
     from loracraft.train.preserve import preserved_rows
 
-    data = mark_half_styled(write_captioned_dataset(tmp_path / "d", n=6))
+    data = mark_half_styled(write_captioned_dataset(tmp_path / "d", n=6), 6)
     captions = [json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines()]
     assert preserved_rows(captions, PRESERVE_TRIGGER, False).tolist() == [False, True] * 3
     spec = BenchSpec(model="tiny", model_dir="m", data_dir=str(data), work_dir=str(tmp_path / "w"), resolution=32)

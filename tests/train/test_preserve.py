@@ -1,6 +1,5 @@
 """Base-prediction preservation (``preserve:``): which rows, what target, what weight, what errors."""
 
-import json
 
 import pytest
 import torch
@@ -54,15 +53,9 @@ def test_preserve_and_dreambooth_together_are_refused():
 @pytest.fixture(scope="module")
 def half_styled(tmp_path_factory):
     """Four scenes; the first two captioned with the trigger, the others plain."""
-    from loracraft.infer.testing import write_captioned_dataset
+    from loracraft.infer.testing import append_to_captions, write_captioned_dataset
 
-    data = write_captioned_dataset(tmp_path_factory.mktemp("half"), n=4, seed=3)
-    meta = data / "metadata.jsonl"
-    rows = [json.loads(line) for line in meta.read_text().splitlines()]
-    for row in rows[:2]:
-        row["text"] += " " + TRIGGER
-    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data
+    return append_to_captions(write_captioned_dataset(tmp_path_factory.mktemp("half"), n=4, seed=3), TRIGGER, [0, 1])
 
 
 def _plain_diffusers_prediction(tiny_sd, captions, noisy, timesteps):
