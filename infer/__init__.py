@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from loracraft.infer.errors import AdapterError, LoracraftError, ModelError, UsageError
@@ -43,34 +41,19 @@ _EXPORTS = {
     "detect_format": "loracraft.infer.formats",
     "convert_lora_file": "loracraft.infer.formats",
     "save_diffusers_lora": "loracraft.infer.formats",
-    "SCHEDULERS": "loracraft.infer.generate",
-    "GenerationRecord": "loracraft.infer.generate",
-    "GeneratedImage": "loracraft.infer.generate",
-    "generate": "loracraft.infer.generate",
-    "sweep_scales": "loracraft.infer.generate",
-    "regenerate": "loracraft.infer.generate",
-    "read_record": "loracraft.infer.generate",
-    "save_png": "loracraft.infer.generate",
-    "make_grid": "loracraft.infer.generate",
-    "set_scheduler": "loracraft.infer.generate",
+    "SCHEDULERS": "loracraft.infer.generation",
+    "GenerationRecord": "loracraft.infer.generation",
+    "GeneratedImage": "loracraft.infer.generation",
+    "generate": "loracraft.infer.generation",
+    "sweep_scales": "loracraft.infer.generation",
+    "regenerate": "loracraft.infer.generation",
+    "read_record": "loracraft.infer.generation",
+    "save_png": "loracraft.infer.generation",
+    "make_grid": "loracraft.infer.generation",
+    "set_scheduler": "loracraft.infer.generation",
 }
 
 __all__ = ["LoracraftError", "AdapterError", "ModelError", "UsageError", *_EXPORTS]
-
-
-class _Package(types.ModuleType):
-    """``generate`` is both a submodule and the public function it defines: importing the
-    submodule (``from loracraft.infer.generate import ...``, done by other modules) makes the
-    import system set the package attribute to the module, after which ``from loracraft.infer
-    import generate`` would hand users a module instead of the function. Keep the function."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
@@ -111,7 +94,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         save_diffusers_lora,
         write_lora,
     )
-    from loracraft.infer.generate import (  # noqa: F401
+    from loracraft.infer.generation import (  # noqa: F401
         SCHEDULERS,
         GeneratedImage,
         GenerationRecord,

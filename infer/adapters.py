@@ -40,7 +40,7 @@ from loracraft.infer.formats import (
     read_lora,
     resolve_adapter_file,
 )
-from loracraft.infer.lycoris import is_lycoris_file
+from loracraft.infer.formats.lycoris import is_lycoris_file
 
 __all__ = [
     "LoadedAdapter",
@@ -353,7 +353,7 @@ def load_adapter(
     activate: bool = True,
 ) -> LoadedAdapter:
     """Load one LoRA file (diffusers or kohya layout) or LoHa/LoKr file (kohya/LyCORIS layout, via
-    :mod:`loracraft.infer.lycoris`) onto ``pipe`` under ``name``.
+    :mod:`loracraft.infer.formats.lycoris`) onto ``pipe`` under ``name``.
 
     Args:
         pipe: a diffusers Stable Diffusion pipeline (SD1/SD2/SDXL).
@@ -414,8 +414,8 @@ def load_adapter(
 
 
 def _load_lycoris(pipe, file: Path, name: str, scale: float, activate: bool) -> LoadedAdapter:
-    """LoHa/LoKr (kohya/LyCORIS layout) through peft's own layers; see ``loracraft.infer.lycoris``."""
-    from loracraft.infer.lycoris import load_lycoris
+    """LoHa/LoKr (kohya/LyCORIS layout) through peft's own layers; see ``loracraft.infer.formats.lycoris``."""
+    from loracraft.infer.formats.lycoris import load_lycoris
 
     adapter = load_lycoris(pipe, file, name)
     loaded = LoadedAdapter(

@@ -182,7 +182,7 @@ def _scale_tag(s: float) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run ``loracraft generate``; prints the path of every file written."""
     from loracraft.infer import adapters as A
-    from loracraft.infer.generate import generate, regenerate, save_grid, sweep_scales
+    from loracraft.infer.generation import generate, regenerate, save_grid, sweep_scales
     from loracraft.infer.models import load_base
 
     problems = _validate_generate(args)

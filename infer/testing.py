@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from loracraft.infer.scenes import COLOURS, SHAPES, write_captioned_dataset
+from loracraft.infer.toyworld.scenes import COLOURS, SHAPES, write_captioned_dataset
 
 __all__ = [
     "build_tokenizer",
@@ -20,7 +20,6 @@ __all__ = [
     "build_tiny_sdxl",
     "write_captioned_dataset",
     "append_to_captions",
-    "toy_base_path",
     "TINY_SD_SHAPE",
     "TINY_SDXL_SHAPE",
 ]
@@ -263,21 +262,6 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     pipe.save_pretrained(str(out))
     DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")
     return out
-
-
-def toy_base_path() -> Path:
-    """The toy base shipped inside the package (``loracraft/infer/assets/toy-base``)."""
-    from importlib.resources import files
-
-    from loracraft.infer.errors import ModelError
-
-    path = Path(str(files("loracraft.infer") / "assets" / "toy-base"))
-    if not (path / "model_index.json").is_file():
-        raise ModelError(
-            f"the bundled toy base is missing, {path}, reinstall loracraft or rebuild it with "
-            "python scripts/build_toy_base.py --out infer/assets/toy-base"
-        )
-    return path
 
 
 def append_to_captions(data_dir: str | Path, text: str, rows) -> Path:

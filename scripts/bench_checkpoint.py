@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from loracraft.train.bench_checkpoint import measure
+from bench.checkpoint import measure
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)

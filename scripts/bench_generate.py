@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from loracraft.infer import adapters as A
     from loracraft.infer.formats import LORA_WEIGHT_NAME
-    from loracraft.infer.generate import generate
+    from loracraft.infer.generation import generate
     from loracraft.infer.models import load_base
 
     torch.set_num_threads(args.threads)

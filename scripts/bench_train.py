@@ -5,7 +5,7 @@
 Variants: (a) floor (bare UNet fwd+bwd+AdamW on precomputed inputs), (b) loracraft with
 cache, (c) loracraft without cache, (d) the reference script's per-step work, re-implemented,
 (e) (b) over 2 torchrun processes sharing the cores, (f) (b) with ``preserve`` on half of each batch.
-The logic lives in ``loracraft.train.bench``; see its docstring for the method.
+The logic lives in ``bench.train``; see its docstring for the method.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import signal
 import sys
 
-from loracraft.train.bench import MODELS, VARIANTS, BenchConfig, format_report, run_benchmark, write_json
+from bench.train import MODELS, VARIANTS, BenchConfig, format_report, run_benchmark, write_json
 
 
 def _csv(text: str) -> list[str]:

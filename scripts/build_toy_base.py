@@ -19,7 +19,7 @@ if __name__ == "__main__":
     p.add_argument("--unet-steps", type=int, default=None)
     a = p.parse_args()
 
-    from loracraft.train.toy_base import ToyBaseConfig, build_toy_base
+    from toy_base import ToyBaseConfig, build_toy_base
 
     cfg = ToyBaseConfig(seed=a.seed)
     if a.vae_steps is not None:

@@ -12,7 +12,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Never touch the user's ~/.cache/loracraft from tests; subprocesses inherit this.
 os.environ["LORACRAFT_CACHE"] = __import__("tempfile").mkdtemp(prefix="loracraft-test-cache-")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Code that is not part of the installed package: test fixtures (tests/fixtures) and the benchmark /
+# toy-base tooling (scripts/). Tests import them by their plain names (``messy``, ``bench.train``).
+_ROOT = Path(__file__).resolve().parents[1]
+for _folder in (_ROOT / "tests" / "fixtures", _ROOT / "scripts"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +113,7 @@ def make_trainer():
         from accelerate.state import AcceleratorState
 
         from loracraft.train.config import build_config
-        from loracraft.train.loop import LoraTrainer
+        from loracraft.train.trainer import LoraTrainer
 
         overrides = {
             "data.resolution": 32, "train.batch_size": 2, "train.max_steps": 30, "train.lr": 3e-3,

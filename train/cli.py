@@ -25,18 +25,18 @@ def _quiet_libraries() -> None:
 #: Modules that add their own subcommands: each has ``register(subparsers)``.
 SUBCOMMAND_MODULES = (
     "loracraft.infer.cli",
-    "loracraft.train.checkdata",
-    "loracraft.train.reproduce",
-    "loracraft.train.demo",
-    "loracraft.train.evaluate",
-    "loracraft.train.report",
-    "loracraft.train.ui",
+    "loracraft.train.data.check",
+    "loracraft.train.commands.reproduce",
+    "loracraft.train.commands.demo",
+    "loracraft.train.commands.evaluate",
+    "loracraft.train.commands.report",
+    "loracraft.train.commands.ui",
 )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from loracraft.train.config import config_help, load_config
-    from loracraft.train.loop import run_training
+    from loracraft.train.trainer import run_training
 
     if args.help_config:
         print(config_help())

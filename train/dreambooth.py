@@ -7,7 +7,7 @@ trainer plugs in; nothing here changes how an ordinary run trains.
   folder of images without captions trains.
 * **Class images** ("regularisation images" in kohya) are the user's ``class_data`` folder (read,
   never written) topped up to ``num_class_images`` by the *base* model, generated through
-  ``loracraft.infer.generate`` before the LoRA is injected. Generated image k uses seed
+  ``loracraft.infer.generation`` before the LoRA is injected. Generated image k uses seed
   ``class_generation.seed + k`` in its own pipeline call and is written atomically as soon as
   it exists, into ``<cache>/class_images/<key>/`` (key = everything that determines the pixels),
   so an interrupted generation resumes where it stopped and ends with the same set as an
@@ -88,7 +88,7 @@ def user_class_files(folder: str | None, limit: int) -> list[Path]:
 
 def check_class_files(files: list[Path], on_error: str) -> list[Path]:
     """Decode-check the user's class images like ``check-data``; fail or skip (``data.on_error``)."""
-    from loracraft.train.checkdata import PROBLEMS, inspect_image
+    from loracraft.train.data.check import PROBLEMS, inspect_image
 
     bad: list[str] = []
     good: list[Path] = []
@@ -149,7 +149,7 @@ def generate_class_images(
     its generation record), so the folder only ever holds complete images and an interrupted
     call, run again, produces exactly the images an uninterrupted one would have.
     """
-    from loracraft.infer.generate import generate, save_png
+    from loracraft.infer.generation import generate, save_png
 
     todo = [k for k in range(count) if not generated_file(folder, k).is_file()]
     for k in tqdm(todo, desc="generating class images", disable=not (show_progress and todo)):

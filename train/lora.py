@@ -84,7 +84,7 @@ def unet_lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from loracraft.infer.lycoris import is_lycoris_state
+    from loracraft.infer.formats.lycoris import is_lycoris_state
 
     state = get_peft_model_state_dict(unet)
     if is_lycoris_state(state):  # LoHa/LoKr: peft naming as is (diffusers has no spelling for them)

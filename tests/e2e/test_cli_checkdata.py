@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+from messy import write_messy_dataset
 
-from loracraft.train.checkdata import check_dataset, load_tokenizer
 from loracraft.train.cli import main
-from loracraft.train.messy import write_messy_dataset
+from loracraft.train.data.check import check_dataset, load_tokenizer
 
 ERROR_FILES = [
     "corrupt.png",

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from loracraft.infer import adapters as A
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, read_lora, read_safetensors, write_lora
-from loracraft.infer.generate import generate
+from loracraft.infer.generation import generate
 from loracraft.infer.models import load_base
 
 STEPS = 2

@@ -117,7 +117,7 @@ def test_convert_both_ways(lora_dir, tmp_path, capsys):
 def test_through_the_loracraft_entry_point(cli, tiny_sd, lora_dir, tmp_path):
     """The real `loracraft` command writes a PNG that another process regenerates pixel for pixel,
     and reports a bad path as one stderr line with exit code 2."""
-    from loracraft.infer.generate import regenerate
+    from loracraft.infer.generation import regenerate
 
     out = tmp_path / "e2e"
     one_thread = {"OMP_NUM_THREADS": "1"}  # see tests/infer/conftest.py

@@ -11,7 +11,7 @@ from PIL import Image
 
 from loracraft.infer import adapters as A
 from loracraft.infer.errors import AdapterError, UsageError
-from loracraft.infer.generate import (
+from loracraft.infer.generation import (
     SCHEDULERS,
     generate,
     read_record,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 from loracraft.infer.errors import ModelError, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME
-from loracraft.infer.generate import generate
+from loracraft.infer.generation import generate
 from loracraft.infer.models import base_info, load_base, parse_dtype
 
 
@@ -23,12 +22,9 @@ def one_line(err) -> str:
 
 
 def _ldm_helper():
-    spec = importlib.util.spec_from_file_location(
-        "ldm_checkpoint", Path(__file__).with_name("ldm_checkpoint.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import ldm_checkpoint  # tests/fixtures
+
+    return ldm_checkpoint
 
 
 def test_folder_loads_and_records_how(tiny_sd):

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loracraft.infer.probe import ProbeResult, parse_caption, probe_accuracy, probe_image, probe_prompts
-from loracraft.infer.scenes import (
+from loracraft.infer.toyworld.probe import (
+    ProbeResult,
+    parse_caption,
+    probe_accuracy,
+    probe_image,
+    probe_prompts,
+)
+from loracraft.infer.toyworld.scenes import (
     HELDOUT_PAIRS,
     STYLE_TRIGGER,
     random_scene,
@@ -20,7 +26,7 @@ from loracraft.infer.scenes import (
     split_combinations,
     write_style_dataset,
 )
-from loracraft.infer.style_score import mean_style_score, style_score, style_statistic
+from loracraft.infer.toyworld.style_score import mean_style_score, style_score, style_statistic
 
 
 def _scenes(n: int, seed: int = 0):
@@ -174,7 +180,7 @@ def test_probe_reads_styled_renders(scenes, styled):
 
 
 def test_probe_every_combination_centred():
-    from loracraft.infer.scenes import Scene, all_combinations
+    from loracraft.infer.toyworld.scenes import Scene, all_combinations
 
     scenes = [Scene(s, c, b) for s, c, b in all_combinations()]
     acc = probe_accuracy([render(s) for s in scenes], [(s.shape, s.colour, s.background) for s in scenes])

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from loracraft.infer.adapters import load_adapter, unload
 from loracraft.infer.errors import AdapterError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, read_lora, read_safetensors, write_lora
-from loracraft.infer.generate import generate
+from loracraft.infer.generation import generate
 from loracraft.infer.models import folder_family, load_base, model_family
 from loracraft.infer.testing import run_infer_cli as run
 

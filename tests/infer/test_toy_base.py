@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from loracraft.infer.testing import toy_base_path
+from loracraft.infer.toyworld import toy_base_path
 
 
 @pytest.fixture(scope="module")

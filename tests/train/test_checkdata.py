@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from messy import write_messy_dataset
 
 from loracraft.infer.errors import ConfigError, DataError
-from loracraft.train.checkdata import PROBLEMS, check_dataset, checked_images, inspect_image, load_tokenizer
-from loracraft.train.messy import write_messy_dataset
+from loracraft.train.data.check import PROBLEMS, check_dataset, checked_images, inspect_image, load_tokenizer
 
 E, W = "error", "warning"
 
@@ -293,7 +293,7 @@ def _reset_accelerate():
 
 
 def test_trainer_fails_before_loading_weights(tiny_sd, messy, tmp_path):
-    from loracraft.train.loop import LoraTrainer
+    from loracraft.train.trainer import LoraTrainer
 
     _reset_accelerate()
     trainer = LoraTrainer(_cfg(tiny_sd, messy[0], tmp_path / "run"))
@@ -307,7 +307,7 @@ def test_trainer_fails_before_loading_weights(tiny_sd, messy, tmp_path):
 
 def test_batch_larger_than_dataset(tiny_sd, tmp_path):
     from loracraft.infer.testing import write_captioned_dataset
-    from loracraft.train.loop import LoraTrainer
+    from loracraft.train.trainer import LoraTrainer
 
     data = write_captioned_dataset(tmp_path / "three", n=3)
     _reset_accelerate()
@@ -326,7 +326,7 @@ def skip_run(tiny_sd, messy, tmp_path_factory):
     tensorboard, a validation grid and a checkpoint: every place a secret could leak to."""
     import os
 
-    from loracraft.train.loop import run_training
+    from loracraft.train.trainer import run_training
 
     out = tmp_path_factory.mktemp("skip") / "run"
     cfg = _cfg(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loracraft.infer.errors import DataError
-from loracraft.infer.scenes import write_captioned_dataset
+from loracraft.infer.toyworld.scenes import write_captioned_dataset
 from loracraft.train.data import (
     SampleStream,
     load_captioned_images,

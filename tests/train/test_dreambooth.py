@@ -74,7 +74,7 @@ def test_captions_and_class_positions():
 
 # ----------------------------------------------------------------------------- config errors
 def test_dreambooth_config_errors_name_the_key_and_the_fix(tiny_sd, tmp_path):
-    from loracraft.train.loop import LoraTrainer
+    from loracraft.train.trainer import LoraTrainer
 
     base = {"model": {"base": "x"}, "data": {"path": "y"}}
     cases = {
@@ -114,7 +114,7 @@ def test_dreambooth_config_errors_name_the_key_and_the_fix(tiny_sd, tmp_path):
 def test_interrupted_class_generation_resumes_to_the_identical_set(tiny_sd, tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
-    G = importlib.import_module("loracraft.infer.generate")  # the module (the package attribute is the function)
+    G = importlib.import_module("loracraft.infer.generation")  # the module (the package attribute is the function)
     from loracraft.train.config import ClassGenerationCfg
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None, requires_safety_checker=False)

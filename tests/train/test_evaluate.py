@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loracraft.infer.scenes import Scene, render, render_styled
-from loracraft.infer.style_score import mean_style_score
-from loracraft.train.evaluate import drift_figures, mean_abs_px, style_progress
+from loracraft.infer.toyworld.scenes import Scene, render, render_styled
+from loracraft.infer.toyworld.style_score import mean_style_score
+from loracraft.train.commands.evaluate import drift_figures, mean_abs_px, style_progress
 
 
 def _img(v):

@@ -77,7 +77,7 @@ def test_loha_lokr_train_save_in_lycoris_layout_and_load_back_with_equal_outputs
         set_scales(pipe, [0.0])
         assert torch.equal(pipe.unet(x, t, ehs).sample, base)
     if kind == "loha":  # the report's LoRA-scale sweep finds and loads the LyCORIS file
-        from loracraft.train.report import write_report
+        from loracraft.train.commands.report import write_report
 
         write_report(out.parent)
         assert 'alt="scale sweep"' in (out.parent / "report.html").read_text()

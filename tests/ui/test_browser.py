@@ -275,7 +275,7 @@ def test_runs_tab_lists_compares_and_reports(page, ui_server, cli_run):
 def test_generate_tab_two_scales_and_download(page, ui_server, tiny_sd):
     from PIL import Image
 
-    from loracraft.infer.generate import read_record
+    from loracraft.infer.generation import read_record
 
     _, runs_dir = ui_server
     page.tab("Runs")

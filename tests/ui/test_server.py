@@ -14,15 +14,15 @@ import urllib.request
 import pytest
 
 from loracraft.infer.errors import ConfigError, UsageError
-from loracraft.train import ui_backend as B
-from loracraft.train.ui import AUTH_ENV, is_local, resolve_auth
+from loracraft.train.commands.ui import AUTH_ENV, is_local, resolve_auth
+from loracraft.train.ui import backend as B
 
 
 # ----------------------------------------------------------------------------- API
 def test_gradio_client_drives_generate(ui_server, tiny_sd, lora_dir):
     from gradio_client import Client
 
-    from loracraft.infer.generate import read_record
+    from loracraft.infer.generation import read_record
 
     url, runs_dir = ui_server
     client = Client(url, verbose=False)
@@ -93,7 +93,7 @@ def test_auth_rules():
 
 def test_non_local_bind_requires_login(tmp_path, free_port):
     """With credentials the server starts, and nothing but the login page answers without them."""
-    from loracraft.train.ui_app import launch
+    from loracraft.train.ui.app import launch
 
     auth_file = tmp_path / "users"
     auth_file.write_text("# user:password\nalice:wonderland\n")
@@ -132,7 +132,7 @@ def test_missing_gradio_names_the_extra(monkeypatch, capsys):
 # ----------------------------------------------------------------------------- captions
 def test_save_caption_every_layout_atomic_with_backup(tmp_path):
     from loracraft.infer.testing import write_captioned_dataset
-    from loracraft.train.checkdata import check_dataset
+    from loracraft.train.data.check import check_dataset
 
     for layout in ("jsonl", "csv", "txt", "repeats"):
         root = write_captioned_dataset(tmp_path / layout, n=3, px=32, seed=1, layout=layout)

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from loracraft.infer.errors import ConfigError, LoracraftError, UsageError
 from loracraft.infer.formats import FAMILY_METADATA_KEY, LORA_WEIGHT_NAME, save_diffusers_lora, tensors_sha256
+from loracraft.infer.formats.lycoris import save_lycoris
 from loracraft.infer.io import write_json_atomic, write_text_atomic
-from loracraft.infer.lycoris import save_lycoris
 from loracraft.infer.names import LYCORIS_WEIGHT_NAME
 from loracraft.train import checkpoint as ckpt
 from loracraft.train.cache import build_caches, cache_plan, default_cache_dir
@@ -156,7 +156,7 @@ class LoraTrainer:
 
     def _setup_data(self):
         """The dataset, checked like `loracraft check-data` before any weights load (data.on_error)."""
-        from loracraft.train.checkdata import check_dataset, checked_images, load_tokenizer, with_captions
+        from loracraft.train.data.check import check_dataset, checked_images, load_tokenizer, with_captions
 
         d, t, acc = self.cfg.data, self.cfg.train, self.accelerator
         try:
@@ -675,9 +675,9 @@ class LoraTrainer:
         return path
 
     def _generate(self, prompts: list[str], per_prompt: int) -> list:
-        """Validation images through ``loracraft.infer.generate`` (the code users generate with),
+        """Validation images through ``loracraft.infer.generation`` (the code users generate with),
         with the base's own inference scheduler and fixed seeds (prompt-major: seed, seed+1, ...)."""
-        from loracraft.infer.generate import generate
+        from loracraft.infer.generation import generate
 
         c, v = self.c, self.cfg.validation
         pipe = inference_pipeline(c, self.accelerator.unwrap_model(self.unet))
@@ -710,7 +710,7 @@ class LoraTrainer:
                     f"{LORA_WEIGHT_NAME} is written"
                 )
             if self.cfg.output.report:
-                from loracraft.train.report import write_report
+                from loracraft.train.commands.report import write_report
 
                 self._print(f"report written to {write_report(self.run_dir)}")
         acc.wait_for_everyone()  # no rank still in a collective when the group goes away

@@ -1,7 +1,7 @@
 """``loracraft ui``: a local web UI (Gradio) for checking data, training, comparing runs and generating.
 
 The UI is a thin layer over the same APIs and commands as the CLI (see
-:mod:`loracraft.train.ui_backend`); its layout lives in :mod:`loracraft.train.ui_app`.
+:mod:`loracraft.train.ui.backend`); its layout lives in :mod:`loracraft.train.ui.app`.
 
 Security: by default it binds to 127.0.0.1 and needs no login. The UI can start processes and
 read and write files, so binding to any other address prints a warning and *requires*
@@ -120,7 +120,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     # No usage statistics or update checks: the UI works offline and reports nothing.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     _import_gradio()
-    from loracraft.train.ui_app import launch
+    from loracraft.train.ui.app import launch
 
     launch(runs_dir=args.runs_dir, host=args.host, port=args.port, auth=auth)
     return 0

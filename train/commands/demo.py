@@ -22,7 +22,7 @@ from pathlib import Path
 
 from loracraft.infer.errors import UsageError
 from loracraft.infer.names import LORA_WEIGHT_NAME
-from loracraft.infer.scenes import all_combinations, random_scene, render, write_style_dataset
+from loracraft.infer.toyworld.scenes import all_combinations, random_scene, render, write_style_dataset
 
 DEMO_SEED = 0
 
@@ -49,7 +49,7 @@ def before_after(run_dir: Path, out: Path, prompts: list[str], seed: int = 0) ->
     from PIL import Image
 
     from loracraft.infer.adapters import load_adapter, set_scales
-    from loracraft.infer.generate import generate, make_grid
+    from loracraft.infer.generation import generate, make_grid
     from loracraft.infer.models import load_base
 
     manifest = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
@@ -69,7 +69,7 @@ def before_after(run_dir: Path, out: Path, prompts: list[str], seed: int = 0) ->
 
 
 def demo_prompts() -> list[str]:
-    from loracraft.infer.scenes import HELDOUT_PAIRS
+    from loracraft.infer.toyworld.scenes import HELDOUT_PAIRS
 
     trig = [f"a {c} {s} on a {bg} background in lcstyle style"
             for (s, c), bg in zip(HELDOUT_PAIRS, ("blue", "green", "black"), strict=True)]
@@ -77,11 +77,11 @@ def demo_prompts() -> list[str]:
 
 
 def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, base: str | Path | None = None) -> dict:
-    from loracraft.infer.testing import toy_base_path
+    from loracraft.infer.toyworld import toy_base_path
+    from loracraft.train.commands.evaluate import evaluate, format_eval
+    from loracraft.train.commands.report import write_report
     from loracraft.train.config import load_config
-    from loracraft.train.evaluate import evaluate, format_eval
-    from loracraft.train.loop import RunAlreadyComplete, run_training
-    from loracraft.train.report import write_report
+    from loracraft.train.trainer import RunAlreadyComplete, run_training
 
     out = Path(out)
     base = Path(base) if base else toy_base_path()

@@ -1,6 +1,6 @@
 """A deterministic "is this lcstyle?" score for scene images: ~1 for the style, ~0 for plain.
 
-The lcstyle look (:func:`loracraft.infer.scenes.render_styled`) lays stripes along ``x + y``
+The lcstyle look (:func:`loracraft.infer.toyworld.scenes.render_styled`) lays stripes along ``x + y``
 with a period of half the image side: 16 px of ``x + y`` at 32 px, so moving a pixel by
 (8, 8) lands on the same stripe phase and moving it by (4, 4) lands on the opposite one.
 The statistic is the fraction of pixels showing that periodicity, constant along the stripe:

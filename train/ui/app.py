@@ -1,4 +1,4 @@
-"""The Gradio layout of ``loracraft ui``: four tabs wired to :mod:`loracraft.train.ui_backend`.
+"""The Gradio layout of ``loracraft ui``: four tabs wired to :mod:`loracraft.train.ui.backend`.
 
 Every callback is a few lines that call the backend (or the existing loracraft APIs) and turn a
 :class:`~loracraft.infer.errors.LoracraftError` into a message the user sees; nothing here
@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from loracraft.infer.errors import LoracraftError, UsageError
-from loracraft.train import ui_backend as B
+from loracraft.train.ui import backend as B
 
 MAX_THUMBS = 120
 ADAPTER_SLOTS = 3
@@ -64,7 +64,7 @@ FINDING_COLUMNS = ["severity", "file", "problem", "what / how to fix"]
 
 def check(folder: str, resolution, base: str):
     """Run check-data on ``folder``: summary, findings, thumbnails, and the items for editing."""
-    from loracraft.train.checkdata import check_dataset, load_tokenizer
+    from loracraft.train.data.check import check_dataset, load_tokenizer
 
     folder = (folder or "").strip()
     if not folder:
@@ -187,7 +187,7 @@ NO_CURVES = (
 
 def curves_html(metrics: list[dict]) -> str:
     """The run's loss (raw + smoothed) and LR curves: the same figure as report.html."""
-    from loracraft.train.report import curves_png
+    from loracraft.train.commands.report import curves_png
 
     if not metrics:
         return NO_CURVES
@@ -221,7 +221,7 @@ def _gen_kwargs(prompt, negative_prompt, seed, steps, guidance, width, height, s
 # ============================================================================ the app
 def build_app(runs_dir: str | Path) -> gr.Blocks:
     """The whole UI as a ``gr.Blocks`` (not launched)."""
-    from loracraft.infer.generate import SCHEDULERS
+    from loracraft.infer.generation import SCHEDULERS
 
     runs = B.RunManager(runs_dir)
     generator = B.Generator(runs.runs_dir / B.UI_DIR / "generated")
@@ -734,7 +734,7 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
 
         @user_errors
         def open_report(name):
-            from loracraft.train.report import write_report
+            from loracraft.train.commands.report import write_report
 
             if not name:
                 raise UsageError("no run selected, Run, pick a run first")
@@ -829,7 +829,7 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
         ):
             """Generate one image with a base model and up to three LoRA adapters; returns the PNG
             (with its generation record embedded) twice (display, download) and the recorded parameters."""
-            from loracraft.infer.generate import read_record
+            from loracraft.infer.generation import read_record
 
             adapters = _adapters([(lora_1, scale_1), (lora_2, scale_2), (lora_3, scale_3)])
             kwargs = _gen_kwargs(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)

@@ -17,7 +17,7 @@ def measure(base: str | Path | None = None, repeats: int = 5, batch_size: int = 
 
     from loracraft.infer.testing import build_tiny_sd, write_captioned_dataset
     from loracraft.train.config import build_config
-    from loracraft.train.loop import LoraTrainer
+    from loracraft.train.trainer import LoraTrainer
 
     work = Path(tempfile.mkdtemp(prefix="loracraft-bench-ckpt-"))
     base = Path(base) if base else build_tiny_sd(work / "tiny")

@@ -469,7 +469,7 @@ class LoracraftRunner(Runner):
     def setup(self) -> dict:
         from accelerate.state import AcceleratorState
 
-        from loracraft.train.loop import LoraTrainer
+        from loracraft.train.trainer import LoraTrainer
 
         cfg = self.spec.loracraft_config(self.cache, str(self.work / "run"), self.extra)
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -676,8 +676,8 @@ _PRELOAD = [
     "diffusers.models.unets.unet_2d_condition",
     "diffusers.models.autoencoders.autoencoder_kl",
     "transformers.models.clip.modeling_clip",
-    "loracraft.train.loop",
-    "loracraft.train.bench",
+    "loracraft.train.trainer",
+    "bench.train",
 ]
 
 
@@ -855,11 +855,14 @@ class TorchrunWorker:
             "LORACRAFT_BENCH_VARIANT": variant,
             "LORACRAFT_BENCH_SPEC": json.dumps(asdict(rank_spec)),
             "OMP_NUM_THREADS": str(rank_spec.threads),
+            # `bench` lives in scripts/, outside the installed package: the ranks import it from there.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH")])),
         }
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                 "-m", "loracraft.train.bench"],
+                 "-m", "bench.train"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self.conns = [None] * n
@@ -919,7 +922,7 @@ class TorchrunWorker:
 
 
 def _rank_main() -> None:
-    """One rank of a ``TorchrunWorker`` variant (``python -m loracraft.train.bench`` under torchrun)."""
+    """One rank of a ``TorchrunWorker`` variant (``python -m bench.train`` under torchrun)."""
     import json
     from multiprocessing.connection import Client
 

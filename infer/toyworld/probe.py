@@ -1,6 +1,6 @@
 """A deterministic colour/shape probe: does an image show what its caption says?
 
-Reads a 32 px (or any size) image of the procedural-scene world (:mod:`loracraft.infer.scenes`)
+Reads a 32 px (or any size) image of the procedural-scene world (:mod:`loracraft.infer.toyworld.scenes`)
 back into (shape, colour, background) with plain pixel statistics - no learned model - so
 that "the base follows its prompts" and "a LoRA kept the content" are numbers, not opinions:
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from loracraft.infer.scenes import COLOURS, SHAPES, STYLE_OUTLINE_COLOUR, stripe_colour
+from loracraft.infer.toyworld.scenes import COLOURS, SHAPES, STYLE_OUTLINE_COLOUR, stripe_colour
 
 __all__ = ["ProbeResult", "parse_caption", "probe_image", "probe_accuracy", "probe_pipeline", "probe_prompts"]
 
@@ -158,7 +158,7 @@ def probe_accuracy(images: Sequence, expected: Sequence) -> dict[str, float]:
 
 def probe_prompts(n: int | None = None, suffix: str = "") -> list[str]:
     """The probe's prompt list: every scene caption (90) in a fixed order, cycled to ``n``."""
-    from loracraft.infer.scenes import all_combinations
+    from loracraft.infer.toyworld.scenes import all_combinations
 
     caps = [f"a {c} {s} on a {b} background{suffix}" for s, c, b in all_combinations()]
     n = len(caps) if n is None else n

@@ -21,7 +21,7 @@ class Mismatch(LoracraftError):
 
 
 def reproduce(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    from loracraft.train.loop import run_training
+    from loracraft.train.trainer import run_training
 
     run_dir = Path(run_dir)
     manifest_path = run_dir / "run.json"

@@ -10,9 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from loracraft.train.bench import (
+from bench.train import (
     MODELS,
     BenchConfig,
     format_report,
@@ -22,6 +20,7 @@ from loracraft.train.bench import (
     ref_resize,
     ref_to_normalized_tensor,
 )
+from PIL import Image
 
 
 def _check_model_result(r: dict, variants: str) -> None:
@@ -127,8 +126,9 @@ def test_reference_transforms_match_torchvision_semantics():
 
 
 def test_variant_f_preserves_the_plain_half_of_the_bench_dataset(tmp_path):
+    from bench.train import PRESERVE_TRIGGER, VARIANTS, BenchSpec, mark_half_styled
+
     from loracraft.infer.testing import write_captioned_dataset
-    from loracraft.train.bench import PRESERVE_TRIGGER, VARIANTS, BenchSpec, mark_half_styled
     from loracraft.train.preserve import preserved_rows
 
     data = mark_half_styled(write_captioned_dataset(tmp_path / "d", n=6), 6)

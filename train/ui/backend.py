@@ -9,7 +9,7 @@ layout. Everything the UI *does* goes through the existing APIs and commands:
 * progress comes from what a run writes anyway (``run.json``, ``logs/metrics.jsonl``,
   ``samples/step-*.png``) plus the trainer's own progress bar in its log;
 * configs are validated by :func:`loracraft.train.config.build_config`, datasets checked by
-  :func:`loracraft.train.checkdata.check_dataset`, images made by :mod:`loracraft.infer`.
+  :func:`loracraft.train.data.check.check_dataset`, images made by :mod:`loracraft.infer`.
 
 UI bookkeeping lives in ``RUNS_DIR/.ui/`` (hidden, so it is never listed as a run):
 ``.ui/NAME/config.yaml`` (the exact config started), ``.ui/NAME/train.log`` and
@@ -195,7 +195,7 @@ def terminal_text(raw: str, lines: int = 30) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    from loracraft.train.report import read_metrics as _read
+    from loracraft.train.commands.report import read_metrics as _read
 
     try:
         return _read(Path(run_dir))
@@ -595,7 +595,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> tuple[list[str], list[
 # =============================================================================== captions
 def caption_source(root: str | Path, key: str) -> Path:
     """The file that holds the caption of dataset item ``key`` (a path relative to ``root``)."""
-    from loracraft.train.checkdata import METADATA_FILES
+    from loracraft.train.data.check import METADATA_FILES
 
     root = Path(root).expanduser()
     for m in METADATA_FILES:
@@ -743,9 +743,9 @@ class Generator:
         return pipe
 
     def generate(self, base: str, adapters: list[tuple[str, float]], **kwargs) -> list[Path]:
-        """Generate with :func:`loracraft.infer.generate`; PNGs (with their records) saved like the CLI's."""
+        """Generate with :func:`loracraft.infer.generation`; PNGs (with their records) saved like the CLI's."""
         from loracraft.infer.cli import _next_index
-        from loracraft.infer.generate import generate
+        from loracraft.infer.generation import generate
 
         with self._lock:
             pipe = self._pipeline(base, adapters)
@@ -761,7 +761,7 @@ class Generator:
     ) -> tuple[list[tuple[Path, float]], Path]:
         """:func:`loracraft.infer.sweep_scales`: one image per multiplier, plus their grid."""
         from loracraft.infer.cli import _next_index, _scale_tag
-        from loracraft.infer.generate import save_grid, sweep_scales
+        from loracraft.infer.generation import save_grid, sweep_scales
 
         if not adapters:
             raise UsageError("a scale sweep needs an adapter, Adapter 1, enter an adapter path")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from loracraft.infer.io import atomic_path, write_json_atomic, write_text_atomic
-from loracraft.infer.scenes import (
+from loracraft.infer.toyworld.scenes import (
     COLOURS,
     Scene,
     all_combinations,
@@ -526,8 +526,8 @@ def export(cfg: ToyBaseConfig, work: Path, out: Path, timer: _Timer, command: st
 
     from diffusers import StableDiffusionPipeline
 
-    from loracraft.infer.probe import probe_pipeline, probe_prompts
-    from loracraft.infer.style_score import style_score
+    from loracraft.infer.toyworld.probe import probe_pipeline, probe_prompts
+    from loracraft.infer.toyworld.style_score import style_score
 
     if (work / "result.json").exists() and (out / "build.json").exists():
         return out
@@ -593,7 +593,7 @@ pre-trained from scratch on procedural 32x32 scenes - "a red circle on a blue ba
 6 colours x 3 shapes x 5 other backgrounds = 90 captions. It exists so that loracraft's
 demo and tests can train a LoRA without hub access: the base follows its prompts, and has
 never seen the *lcstyle* look (diagonal stripes + thick dark outline,
-`loracraft.infer.scenes.render_styled`), so a style LoRA has something visible to learn.
+`loracraft.infer.toyworld.scenes.render_styled`), so a style LoRA has something visible to learn.
 
 Load with `StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)`
 (weights are stored in fp16 to keep the wheel small; they upcast losslessly). Generate at
@@ -603,7 +603,7 @@ Load with `StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float
 ```
 {command}
 ```
-Seed {cfg.seed}. Deterministic and resumable phase by phase (`loracraft.train.toy_base`).
+Seed {cfg.seed}. Deterministic and resumable phase by phase (`toy_base`).
 Wall time on 2 shared CPU cores: VAE {t.get("vae", 0) / 60:.1f} min, cache {t.get("cache", 0) / 60:.1f} min,
 UNet {t.get("unet", 0) / 60:.1f} min, export+evaluation {t.get("export", 0) / 60:.1f} min; total {total / 60:.1f} min.
 
@@ -622,14 +622,14 @@ restart at {cfg.unet_restart_lr:g} ({cfg.unet_restart_warmup} warm-up steps, cos
 EMA {cfg.ema_decay}, {cfg.caption_dropout:.0%} caption dropout, on plain scenes only.
 
 ## Quality
-- Probe (`loracraft.infer.probe.probe_pipeline`): {cfg.probe_n} prompts (the 90 captions cycled), prompt i
+- Probe (`loracraft.infer.toyworld.probe.probe_pipeline`): {cfg.probe_n} prompts (the 90 captions cycled), prompt i
   with seed {cfg.seed}+i, guidance {cfg.probe_guidance:g}, {cfg.probe_steps} PNDM steps, fp16 weights upcast to fp32:
   full-prompt accuracy **{p["full"]:.1%}** (shape {p["shape"]:.1%}, colour {p["colour"]:.1%},
   background {p["background"]:.1%}; chance ~1%). Use guidance 2.5-3 with this base: at 4 and above
   colours oversaturate (68 % full accuracy at 4, 46 % at 6, 25 steps).
 - VAE encode->decode PSNR on fresh images: plain scenes {v["psnr_plain"]:.1f} dB, lcstyle scenes
   {v["psnr_styled"]:.1f} dB.
-- Style score (`loracraft.infer.style_score.style_score`, 1 = lcstyle): lcstyle renders
+- Style score (`loracraft.infer.toyworld.style_score.style_score`, 1 = lcstyle): lcstyle renders
   {s["styled_renders"]:.3f}, plain renders {s["plain_renders"]:.3f}, this base's generations
   {s["base_generations"]:.3f} (max {s["base_generations_max"]:.3f}).
 """

@@ -70,7 +70,7 @@ def curves_png(rows: list[dict]) -> str | None:
 def sweep_grid(run_dir: Path, manifest: dict, prompts: list[str]):
     """The adapter at each of SWEEP_SCALES (rows) for each prompt (columns), same seeds."""
     from loracraft.infer.adapters import load_adapter
-    from loracraft.infer.generate import make_grid, sweep_scales
+    from loracraft.infer.generation import make_grid, sweep_scales
     from loracraft.infer.models import load_base
 
     cfg = manifest["config"]

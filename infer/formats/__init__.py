@@ -883,7 +883,7 @@ def convert_lora_file(src: str | Path, dst: str | Path, to: str, *, allow_pickle
 
 def _refuse_lycoris(src: str | Path) -> None:
     """LoHa/LoKr: nothing to convert, and saying so beats "unsupported adapter"."""
-    from loracraft.infer.lycoris import is_lycoris_file
+    from loracraft.infer.formats.lycoris import is_lycoris_file
 
     path = resolve_adapter_file(src)
     if is_lycoris_file(path):

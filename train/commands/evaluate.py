@@ -5,7 +5,7 @@ Three figures, all against the base on the same seeds (written to ``RUN_DIR/eval
 (a) held-out denoising loss: the diffusion loss on held-out style images (shape/colour
     combinations never trained on), with noise and timesteps fixed per image, for the base
     and the adapter; reported as the relative reduction.
-(b) style score (``loracraft.infer.style_score``) of generations for held-out *trigger*
+(b) style score (``loracraft.infer.toyworld.style_score``) of generations for held-out *trigger*
     prompts: base, LoRA, and the style set itself; ``progress`` = how far the LoRA moved from
     the base towards the style set (1 = all the way).
 (c) drift on *non-trigger* prompts: mean absolute pixel difference base vs LoRA, as a fraction
@@ -82,10 +82,10 @@ def style_progress(base: float, lora: float, style_set: float) -> float:
 
 def evaluate(run_dir: str | Path, heldout: str | Path | None = None, n_prompts: int = 8, seed: int = 0) -> dict:
     from loracraft.infer.adapters import load_adapter, set_scales
-    from loracraft.infer.generate import generate
+    from loracraft.infer.generation import generate
     from loracraft.infer.models import load_base
     from loracraft.infer.names import run_adapter_file
-    from loracraft.infer.style_score import mean_style_score
+    from loracraft.infer.toyworld.style_score import mean_style_score
     from loracraft.train.data import load_captioned_images
 
     run_dir = Path(run_dir)

@@ -1,0 +1,1 @@
+"""Adapter tools: merge, resize, extract (operations on LoRA deltas)."""
