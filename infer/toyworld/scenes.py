@@ -122,7 +122,7 @@ def write_captioned_dataset(
 # training image) has it. It is chosen to survive the toy VAE (downsample x4, 32 px ->
 # 8x8 latents): the stripes have a period of half the image side (4 latent pixels), well
 # below the latent Nyquist limit, and the outline is 3 px thick. Thin 2 px lines at 32 px
-# were measured to be destroyed by a VAE trained on flat shapes (notes/measured-facts.md).
+# were measured to be destroyed by a VAE trained on flat shapes (measured while building the toy base).
 # --------------------------------------------------------------------------------------
 
 #: Stripe period as a fraction of the image side, and the stripe's share of each period

@@ -1,4 +1,4 @@
-"""The infer layer must never import the train layer (DESIGN.md: imports point one way only).
+"""The infer layer must never import the train layer (imports point one way only: train -> infer).
 
 Walks every .py under infer/ with ``ast`` and fails on any import of ``loracraft.train``:
 absolute (``import loracraft.train``, ``from loracraft.train.x import y``), ``from loracraft
