@@ -14,8 +14,10 @@ def test_short_demo_writes_grid_eval_and_report(tmp_path, cli):
     grid = Image.open(out / "before_after.png")
     assert grid.size[1] == 2 * 32 * 4  # two rows (base, LoRA) of 32 px images, shown 4x
     ev = json.loads((out / "run" / "eval.json").read_text())
-    assert {"heldout_loss", "style_score", "drift"} <= set(ev)
-    assert ev["style_score"]["style_set"] > 0.9  # the held-out style images themselves
+    assert {"heldout_loss", "toy_world", "drift"} <= set(ev) and ev["trigger"] == "in lcstyle style"
+    assert ev["toy_world"]["style_score"]["style_set"] > 0.9  # the held-out style images themselves
+    assert ev["toy_world"]["content"]["images"] == 4 * len(ev["prompts"])  # 4 seeds per prompt
+    assert "toy-world content kept" in proc.stdout
     page = (out / "run" / "report.html").read_text()
     for section in ('id="summary"', 'id="curves"', 'id="validation"', 'id="sweep"', 'id="eval"', 'id="manifest"'):
         assert section in page

@@ -25,6 +25,8 @@ from loracraft.infer.names import LORA_WEIGHT_NAME
 from loracraft.infer.toyworld.scenes import all_combinations, random_scene, render, write_style_dataset
 
 DEMO_SEED = 0
+#: Seeds per held-out prompt in the demo's eval: the content probe needs more than 8 images to mean anything.
+EVAL_IMAGES_PER_PROMPT = 4
 
 
 def write_demo_dataset(root: Path, n_style: int = 48, n_plain: int = 96, n_heldout: int = 16) -> Path:
@@ -95,9 +97,9 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
     except RunAlreadyComplete as e:
         print(f"loracraft: {e}")
     grid = before_after(run_dir, out / "before_after.png", demo_prompts())
-    result = evaluate(run_dir, data / "heldout")
+    result = evaluate(run_dir, data / "heldout", images_per_prompt=EVAL_IMAGES_PER_PROMPT)
     report = write_report(run_dir)
-    print(format_eval(result))
+    print(format_eval(result, goals=True))
     print(f"before/after grid (top: base, bottom: with the LoRA): {grid}")
     print(f"adapter: {run_dir / LORA_WEIGHT_NAME}")
     print(f"report:  {report}")

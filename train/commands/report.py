@@ -136,7 +136,7 @@ def write_report(run_dir: str | Path, sweep: bool = True) -> Path:
     eval_path = run_dir / "eval.json"
     if eval_path.is_file():
         ev = json.loads(eval_path.read_text(encoding="utf-8"))
-        parts.append('<h2 id="eval">Evaluation</h2>' + _table(_flat(ev)))
+        parts.append('<h2 id="eval">Evaluation</h2>' + _stale_note(ev, run_dir) + _table(_flat(ev)))
     parts.append('<h2 id="manifest">Run manifest</h2><pre>'
                  + html.escape(json.dumps(manifest, indent=2, sort_keys=True)) + "</pre>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -150,6 +150,17 @@ def write_report(run_dir: str | Path, sweep: bool = True) -> Path:
 
     write_text_atomic(out, page)
     return out
+
+
+def _stale_note(ev: dict, run_dir: Path) -> str:
+    """eval.json outlives the adapter it measured when a run is extended: say so next to it."""
+    from loracraft.infer.formats import file_sha256
+
+    adapter = run_adapter_file(run_dir)
+    if adapter.is_file() and ev.get("adapter_sha256") == file_sha256(adapter):
+        return ""
+    return ('<p class="stale"><strong>Stale:</strong> these figures were computed for another adapter than the '
+            "run's current one (the run was extended or re-trained); run <code>loracraft eval</code> again.</p>")
 
 
 def _open(path: Path):
