@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import shutil
 import signal
 import sys
 import time
@@ -24,6 +23,7 @@ from loracraft.infer.formats.lycoris import save_lycoris
 from loracraft.infer.io import write_json_atomic, write_text_atomic
 from loracraft.infer.names import LYCORIS_WEIGHT_NAME
 from loracraft.train import checkpoint as ckpt
+from loracraft.train import run_dir
 from loracraft.train.cache import build_caches, cache_plan, default_cache_dir
 from loracraft.train.components import (
     Components,
@@ -112,6 +112,8 @@ class LoraTrainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        # output.dir is checked before the dataset is read or anything is written.
+        run_dir.preflight(self.cfg.output.dir, run_dir.guarded_paths(self.cfg, default_cache_dir()))
         self.accelerator = self._setup_accelerator()
         self.images = self._setup_data()
         self.resume_from = self._setup_run_dir()
@@ -195,56 +197,43 @@ class LoraTrainer:
         return images
 
     def _setup_run_dir(self) -> Path | None:
-        """Decide: fresh start, resume (which checkpoint), already complete, or refuse."""
-        manifest_path = self.run_dir / "run.json"
-        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-        new_cfg = self.cfg.training_relevant()
-        if old is not None:
-            diff = config_diff(normalize_training(old["config_training"]), new_cfg)
-            diff = self._check_process_change(old["config_training"], old.get("num_processes", 1), diff, warn=False)
-            if old.get("dataset_fingerprint") != self.dataset_fingerprint:
-                diff.append("dataset contents changed (fingerprint differs)")
-            if diff and self.cfg.output.overwrite:
-                self._clear_run_dir()
-                return None
-            if diff and not self.cfg.checkpoint.allow_config_change:
-                raise UsageError(
-                    f"output.dir holds a different run, {self.run_dir}: {'; '.join(diff)}; "
-                    "choose another output.dir, or set output.overwrite=true (discard it) or "
-                    "checkpoint.allow_config_change=true (continue it with the new settings)",
-                )
-            if old.get("status") == "complete" and not diff:
-                raise RunAlreadyComplete(
-                    f"run already complete, {self.run_dir}, adapter at {self._adapter_file()}"
-                )
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.cfg.output.overwrite:
-            raise UsageError(
-                f"output.dir exists and is not a loracraft run, {self.run_dir}, "
-                "choose an empty or new output.dir (or set output.overwrite=true to replace its contents)"
+        """Decide: fresh start, resume (which checkpoint), already complete, or refuse (run_dir.decide)."""
+        state = run_dir.inspect(self.run_dir)
+        differences = []
+        if state.manifest is not None:
+            old = state.manifest
+            differences = config_diff(normalize_training(old["config_training"]), self.cfg.training_relevant())
+            differences = self._check_process_change(
+                old["config_training"], old.get("num_processes", 1), differences, warn=False
             )
-        return self._find_resume_checkpoint()
+            if old.get("dataset_fingerprint") != self.dataset_fingerprint:
+                differences.append("dataset contents changed (fingerprint differs)")
+        decision = run_dir.decide(
+            state, differences, overwrite=self.cfg.output.overwrite,
+            allow_config_change=self.cfg.checkpoint.allow_config_change, resume=self.cfg.checkpoint.resume,
+            checkpoints=self._find_resume_checkpoint(),
+        )
+        if isinstance(decision, run_dir.Refuse):
+            raise UsageError(decision.reason)
+        if isinstance(decision, run_dir.Complete):
+            raise RunAlreadyComplete(f"run already complete, {self.run_dir}, adapter at {self._adapter_file()}")
+        if isinstance(decision, run_dir.Fresh) and decision.clear:
+            self._clear_run_dir()
+        if self.accelerator.is_main_process:
+            run_dir.claim(self.run_dir)  # the marker goes first: only then is the folder loracraft's
+        self.accelerator.wait_for_everyone()
+        return decision.checkpoint if isinstance(decision, run_dir.Resume) else None
 
     def _clear_run_dir(self) -> None:
-        if self.accelerator.is_main_process and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
+        """Only the files loracraft wrote go; the folder and anything else in it stay."""
+        if self.accelerator.is_main_process:
+            removed = run_dir.clear(self.run_dir)
+            self._print(f"output.overwrite: removed the previous run's {len(removed)} entries from {self.run_dir}")
         self.accelerator.wait_for_everyone()
 
-    def _find_resume_checkpoint(self) -> Path | None:
-        resume = self.cfg.checkpoint.resume
-        if resume is False or resume == "false":
-            return None
-        if resume in ("auto", "latest", True):
-            found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-            if not found and resume == "latest":
-                raise UsageError(
-                    f"checkpoint.resume=latest but no complete checkpoint exists, {self.run_dir / 'checkpoints'}, "
-                    "use resume=auto to start fresh"
-                )
-            return found[-1][1] if found else None
-        path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise UsageError(f"checkpoint.resume is not a complete checkpoint, {path}, point it at a step-NNNNNN folder")
-        return path
+    def _find_resume_checkpoint(self) -> list[Path]:
+        """The run folder's complete checkpoints, oldest first."""
+        return [path for _, path in ckpt.list_checkpoints(self.run_dir / "checkpoints")]
 
     def _setup_models(self) -> Components:
         m = self.cfg.model
