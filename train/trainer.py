@@ -170,7 +170,7 @@ class LoraTrainer:
         )
         if self.dreambooth:  # captions come from dreambooth.instance_prompt
             report = with_captions(report, self.dreambooth.caption)
-        images, skipped = checked_images(report, d.on_error, d.image_column, d.caption_column)
+        images, skipped = checked_images(report, d.on_error)
         if skipped:
             files = sorted({f.file for f in skipped})
             self._print(

@@ -195,7 +195,7 @@ def test_saved_dataset_rows(tmp_path):
         (
             '{"file_name": "a.png", "caption": "x"}\n',
             "missing-column",
-            "no column 'text' (fields in metadata.jsonl: caption)",
+            "no column 'text' (columns in metadata.jsonl: caption)",
         ),
     ],
 )
@@ -203,7 +203,7 @@ def test_unreadable_metadata_is_fatal(tmp_path, content, problem, needle):
     root = write_messy_dataset(tmp_path / "m", layout="jsonl")
     (root / "metadata.jsonl").write_text(content, encoding="utf-8")
     rep = check_dataset(root, progress=False)
-    (finding,) = [f for f in rep.findings if f.severity == E]
+    (finding,) = [f for f in rep.findings if f.severity == E and f.file == "metadata.jsonl"]
     assert finding.problem == problem and needle in finding.what and finding.file == "metadata.jsonl"
     with pytest.raises(DataError) as e:
         checked_images(rep, "skip")  # dataset-level: skipping cannot help
@@ -299,7 +299,7 @@ def test_trainer_fails_before_loading_weights(tiny_sd, messy, tmp_path):
     trainer = LoraTrainer(_cfg(tiny_sd, messy[0], tmp_path / "run"))
     with pytest.raises(DataError) as e:
         trainer.setup()
-    assert not hasattr(trainer, "c"), "model weights were loaded before the data check"
+    assert getattr(trainer, "c", None) is None, "model weights were loaded before the data check"
     assert len(e.value.problems) == len(ERROR_FILES_TXT) + 1
     assert not (tmp_path / "run" / "run.json").exists()
     assert tree_hashes(messy[0]) == messy[1]
@@ -314,7 +314,7 @@ def test_batch_larger_than_dataset(tiny_sd, tmp_path):
     trainer = LoraTrainer(_cfg(tiny_sd, data, tmp_path / "run", "train.batch_size=4"))
     with pytest.raises(ConfigError, match=r"train.batch_size=4 is larger than the dataset \(3 samples"):
         trainer.setup()
-    assert not hasattr(trainer, "c")
+    assert getattr(trainer, "c", None) is None
 
 
 SECRET = "lcsecret-7f3a9c1e-do-not-log"

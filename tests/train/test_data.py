@@ -52,7 +52,7 @@ def test_saved_datasets_dataset(tmp_path):
 
 def test_missing_caption_column_names_the_columns(tmp_path):
     root = write_captioned_dataset(tmp_path / "j", n=2)
-    with pytest.raises(DataError, match=r"no column 'caption'.*columns: .*text.*data.caption_column"):
+    with pytest.raises(DataError, match=r"no column 'caption' \(columns in metadata.jsonl: text\).*data.caption_column"):
         load_captioned_images(str(root), caption_column="caption")
 
 
@@ -93,3 +93,84 @@ def test_resize_and_crop_center(tmp_path):
     img = Image.new("RGB", (64, 32))
     out, (top, left) = resize_and_crop(img, 16, center_crop=True, gen=torch.Generator().manual_seed(0))
     assert out.size == (16, 16) and (top, left) == (0, 8)
+
+
+# ----------------------------------------------------------------------------- one reader
+def _png(path, shade: int) -> bytes:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), (shade, 90, 200)).save(path)
+    return path.read_bytes()
+
+
+def _layout(root, layout):
+    """A small dataset with good and bad items; returns the (key, caption, repeats) training must see,
+    in the order the layout defines (metadata row order; folders, then files, by name; dataset rows)."""
+    if layout in ("jsonl", "csv"):
+        for i, name in enumerate(["c.png", "a.png", "b.png"]):
+            _png(root / name, 40 * i)
+        rows = [("c.png", "cee"), ("a.png", "ay"), ("gone.png", "a deleted file"), ("b.png", None)]
+        if layout == "jsonl":
+            text = "".join(json.dumps({"file_name": f, "text": t}) + "\n" for f, t in rows)
+            (root / "metadata.jsonl").write_text(text)
+            return [("c.png", "cee", 1), ("a.png", "ay", 1)]
+        (root / "metadata.csv").write_text("file_name,text\n" + "".join(f"{f},{t or ''}\n" for f, t in rows))
+        return [("c.png", "cee", 1), ("a.png", "ay", 1), ("b.png", "", 1)]  # CSV has no null: empty caption
+    if layout == "saved":
+        from datasets import Dataset, Features, Value
+        from datasets import Image as HFImage
+
+        src = [_png(root.parent / "src" / f"{i}.png", 50 * i) for i in range(3)]
+        ds = Dataset.from_dict(
+            {"image": [{"bytes": b, "path": None} for b in src], "text": ["one", None, "three"]},
+            features=Features({"image": HFImage(), "text": Value("string")}),
+        )
+        ds.save_to_disk(str(root))
+        return [("row 0", "one", 1), ("row 2", "three", 1)]
+    if layout == "repeats":
+        _png(root / "3_b" / "z.png", 10)
+        (root / "3_b" / "z.caption").write_text("zed")
+        _png(root / "10_a" / "y.png", 20)  # no caption: skipped
+        _png(root / "10_a" / "x.png", 30)
+        (root / "10_a" / "x.txt").write_text("ex\n")
+        return [("10_a/x.png", "ex", 10), ("3_b/z.png", "zed", 3)]
+    _png(root / "b.png", 10)
+    (root / "b.caption").write_text("bee")
+    _png(root / "a.png", 20)
+    (root / "a.txt").write_text("ay")
+    _png(root / "c.png", 30)  # no caption: skipped
+    return [("a.png", "ay", 1), ("b.png", "bee", 1)]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "csv", "saved", "repeats", "sidecars"])
+def test_check_data_and_the_trainer_see_the_same_items(tiny_sd, tmp_path, layout):
+    from accelerate.state import AcceleratorState
+
+    from loracraft.train.config import build_config
+    from loracraft.train.data.check import check_dataset
+    from loracraft.train.trainer import LoraTrainer
+
+    root = tmp_path / layout
+    expected = _layout(root, layout)
+    report = check_dataset(root, progress=False)
+    skip = report.skippable()
+    checked = [(e.key, e.caption, e.repeats, e.path) for e in report.entries if e.key not in skip]
+
+    cfg = build_config(
+        {"model": {"base": str(tiny_sd)}, "data": {"path": str(root), "resolution": 32, "on_error": "skip"}},
+        ["output.report_to=[]", f"output.dir={tmp_path / 'run'}"],
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = LoraTrainer(cfg)
+    trainer.accelerator = trainer._setup_accelerator()
+    images = trainer._setup_data()  # what training draws from (no weights loaded)
+    trained = [(it.key, it.caption, it.repeats, it.path) for it in images.items]
+
+    assert [(k, c, r) for k, c, r, _ in trained] == expected
+    assert trained == checked
+    assert images.repeats() == [r for _, _, r in expected]
+    for i, it in enumerate(images.items):  # the bytes training decodes are the file's
+        if it.path is not None:
+            assert images.image_bytes(i) == (root / it.key).read_bytes()
+        assert images.image(i).size == (32, 32)

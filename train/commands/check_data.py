@@ -1,0 +1,103 @@
+"""``loracraft check-data DIR``: every problem of a dataset, one line each, before any training.
+
+Exit 0 when the dataset is trainable (warnings only), 1 when there are errors. The lint
+itself lives in :mod:`loracraft.train.data.check`; this module only parses arguments and
+prints, and imports the lint on use so that every other ``loracraft`` command starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from loracraft.infer.errors import DataError, UsageError
+
+
+def register(subparsers) -> None:
+    """Add ``loracraft check-data``."""
+    p = subparsers.add_parser(
+        "check-data",
+        help="check a dataset for problems before training",
+        description="Report every problem in a captioned image dataset, per file. "
+        "Exit 0 when it is trainable (warnings only), 1 when there are errors.",
+    )
+    p.add_argument("data_dir", metavar="DIR", help="dataset folder (any layout `train` reads) or hub id")
+    p.add_argument("--resolution", type=int, metavar="R", help="training resolution: report smaller images")
+    p.add_argument("--base", metavar="MODEL", help="base model whose tokenizer counts caption tokens")
+    p.add_argument("--fix-report", metavar="FILE", help="also write every finding to FILE as JSON")
+    p.add_argument("--image-column", default="image", help="image column (saved/hub datasets)")
+    p.add_argument("--caption-column", default="text", help="caption column / metadata field")
+    p.add_argument(
+        "--allow-outside-links",
+        action="store_true",
+        help="read images/captions that lead outside DIR (links, ../ or absolute metadata paths) instead of "
+        "reporting them as errors (data.allow_outside_links)",
+    )
+    p.add_argument(
+        "--instance-prompt",
+        metavar="PROMPT",
+        help="check as DreamBooth instance images trained with PROMPT (dreambooth.instance_prompt): "
+        "images need no captions",
+    )
+    p.add_argument(
+        "--captions",
+        choices=("instance_prompt", "prepend"),
+        default="instance_prompt",
+        help="with --instance-prompt: dreambooth.captions (prepend = 'PROMPT, <caption>')",
+    )
+    p.set_defaults(func=cmd_check_data)
+
+
+def _instance_caption_rule(prompt: str, captions: str) -> Callable[[str | None], str]:
+    from loracraft.train.config import DreamBoothCfg
+    from loracraft.train.dreambooth import caption_rule
+
+    if not prompt.strip():
+        raise UsageError(
+            '--instance-prompt is empty, command line, pass e.g. --instance-prompt "a photo of sks dog"'
+        )
+    return caption_rule(DreamBoothCfg(instance_prompt=prompt, captions=captions, prior_preservation=False))
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from loracraft.train.data.check import check_dataset, load_tokenizer, with_captions
+
+    if args.resolution is not None and args.resolution <= 0:
+        raise UsageError(
+            f"--resolution must be positive (got {args.resolution}), command line, e.g. --resolution 512"
+        )
+    root = Path(args.data_dir).expanduser()
+    if not root.exists() and (args.data_dir.startswith((".", "/", "~")) or args.data_dir.count("/") != 1):
+        raise DataError(f"dataset folder not found, {root}, check the path")
+    tokenizer = load_tokenizer(args.base) if args.base else None
+    report = check_dataset(
+        args.data_dir,
+        args.resolution,
+        tokenizer,
+        args.image_column,
+        args.caption_column,
+        allow_outside_links=args.allow_outside_links,
+    )
+    if args.instance_prompt is not None:
+        report = with_captions(report, _instance_caption_rule(args.instance_prompt, args.captions))
+    print(f"loracraft check-data: {report.root} ({report.layout}, {report.images} images)")
+    for f in report.findings:
+        print(f.line())
+    for note in report.notes:
+        print(f"note: {note}")
+    print()
+    print("\n".join(report.summary_lines()))
+    if args.fix_report:
+        from loracraft.infer.io import write_json_atomic
+
+        write_json_atomic(args.fix_report, report.to_json())
+        print(f"findings written to {args.fix_report}")
+    if not report.trainable:
+        files = len({f.file for f in report.errors})
+        raise DataError(
+            f"{len(report.errors)} error(s) in {files} file(s) make the dataset untrainable, {report.root}, "
+            "fix the files listed above (or train with data.on_error=skip to leave them out)"
+        )
+    print("dataset is trainable" + (f" ({len(report.warnings)} warnings)" if report.warnings else ""))
+    return 0
