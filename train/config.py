@@ -9,6 +9,7 @@ file, and the fix (closest valid key suggested), and collects *all* problems at 
 from __future__ import annotations
 
 import difflib
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,19 @@ from pydantic_core import PydanticCustomError
 from loracraft.infer.errors import ConfigError
 
 ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+#: Bounds that keep a typo from reaching numpy or allocating gigabytes. accelerate's set_seed
+#: seeds numpy, whose seeds stop at 2**32; generation seeds feed torch generators (2**63) with
+#: +k per image, hence the lower cap.
+TRAIN_SEED_LIMIT = 2**32
+GENERATION_SEED_LIMIT = 2**62
+MAX_RESOLUTION = 8192  # pixels per side; SDXL trains at 1024, 8192 is 64x its latents
+MAX_RANK = 4096  # the model check (rank <= the targeted layers' smaller side) is stricter
+#: YAML anchors/aliases may expand a document to at most this many nodes (an "alias bomb" of
+#: nested aliases otherwise expands to billions while it is validated or printed).
+MAX_YAML_NODES = 100_000
+#: Values quoted in error messages are cut to this many characters.
+MAX_QUOTED = 200
 TRANSFORMER_TARGETS = ATTN_TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 
@@ -40,7 +54,9 @@ class DataCfg(_Section):
     path: str = Field(description="dataset folder, saved `datasets` dataset, or hub id (required)")
     image_column: str = "image"
     caption_column: str = "text"
-    resolution: int = Field(512, gt=0, description="training side length in pixels (a multiple of 8)")
+    resolution: int = Field(
+        512, gt=0, le=MAX_RESOLUTION, description=f"training side length in pixels (a multiple of 8, <= {MAX_RESOLUTION})"
+    )
     center_crop: bool = False
     random_flip: bool = False
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability of an empty caption")
@@ -52,6 +68,12 @@ class DataCfg(_Section):
         description="images with errors (unreadable/corrupt/truncated/empty files, missing or non-UTF-8 "
         "captions, metadata rows without a file): fail = stop before loading weights, listing them all; "
         "skip = train without them, with a warning and a count",
+    )
+    allow_outside_links: bool = Field(
+        False,
+        description="read images and captions that lead outside data.path (symlinks to files elsewhere, metadata "
+        "file_name values like ../x.png or /abs/x.png); false = they are errors (data.on_error decides), so a "
+        "stray link cannot feed e.g. /etc/hostname into training as a caption",
     )
 
     @field_validator("resolution")
@@ -71,7 +93,7 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class TextEncoderLoraCfg(_Section):
-    rank: int = Field(4, gt=0, description="text-encoder LoRA rank")
+    rank: int = Field(4, gt=0, le=MAX_RANK, description="text-encoder LoRA rank")
     alpha: float = Field(4, gt=0, description="text-encoder LoRA alpha (scale alpha/rank)")
     targets: list[str] = Field(
         default_factory=lambda: list(TEXT_ENCODER_TARGETS), description="CLIP module names (attention by default)"
@@ -79,7 +101,7 @@ class TextEncoderLoraCfg(_Section):
 
 
 class LoraCfg(_Section):
-    rank: int = Field(4, gt=0)
+    rank: int = Field(4, gt=0, le=MAX_RANK, description="LoRA rank; at most the targeted layers' smaller side")
     alpha: float = Field(4, gt=0)
     targets: Literal["attn", "transformer"] | list[str] = "attn"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -102,6 +124,14 @@ class LoraCfg(_Section):
         "Shares dropout/init/use_dora/use_rslora with the UNet adapter; turns the text-embedding cache off",
     )
 
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise PydanticCustomError("empty_targets", "is empty (no layer would train); use attn, transformer or "
+                                      "a list of module names such as [to_q, to_v]")
+        return v
+
     def target_modules(self) -> list[str]:
         if self.targets == "attn":
             return list(ATTN_TARGETS)
@@ -113,7 +143,7 @@ class LoraCfg(_Section):
 class ClassGenerationCfg(_Section):
     steps: int = Field(25, gt=0, description="denoising steps per generated class image")
     guidance: float = Field(7.5, ge=0, description="classifier-free guidance of the class images")
-    seed: int = Field(0, description="class image k (0, 1, ...) is generated with seed + k, alone in its own "
+    seed: int = Field(0, ge=0, lt=GENERATION_SEED_LIMIT, description="class image k (0, 1, ...) is generated with seed + k, alone in its own "
                       "pipeline call, so an interrupted generation resumes with identical images")
     negative_prompt: str | None = Field(None, description="negative prompt of the class images")
 
@@ -167,7 +197,7 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
 class TrainCfg(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=TRAIN_SEED_LIMIT, description="seeds every random draw of the run (0 <= seed < 2**32)")
     batch_size: int = Field(1, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_steps: int = Field(1000, gt=0)
@@ -227,7 +257,7 @@ class ValidationCfg(_Section):
     use_ema: bool = Field(False, description="generate validation images with the EMA weights (needs train.ema_decay)")
     every: int = Field(500, gt=0)
     num_images: int = Field(4, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=GENERATION_SEED_LIMIT)
     steps: int = Field(25, gt=0)
     guidance: float = Field(7.5, ge=0)
 
@@ -345,6 +375,7 @@ class Config(_Section):
             d.pop(section, None)
         # Which images train is already in the dataset fingerprint (computed after skipping).
         d["data"].pop("on_error", None)
+        d["data"].pop("allow_outside_links", None)
         return d
 
 
@@ -482,9 +513,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     raw = raw.strip()
     if raw[:1] in ("[", "{"):
         try:
-            return key, yaml.safe_load(raw)
+            return key, yaml.load(raw, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as e:
-            raise ConfigError(f"cannot parse value of '{key}' ({raw!r}), command line, use YAML list syntax like [a, b]") from e
+            raise ConfigError(f"cannot parse value of '{key}' ({quote(raw)}), command line, use YAML list syntax like [a, b]") from e
     if raw in ("null", "~", "None") and _accepts_none(field.annotation):
         return key, None
     if not _accepts_str(field.annotation) and typing.get_origin(field.annotation) is list:
@@ -504,21 +535,77 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- loading
-def _format_errors(err: ValidationError, source: str) -> list[str]:
+def quote(value: Any, limit: int = MAX_QUOTED) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a pasted blob must not flood the terminal
+    (reprlib stops walking a huge nested value early, so building the text is cheap too)."""
+    r = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 8, 8, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _source_of(loc: str, source: str, overrides: dict[str, str]) -> str:
+    """Where a bad value came from: the override that set it (or a parent of it), else the file."""
+    for key, item in overrides.items():
+        if loc == key or loc.startswith(key + "."):
+            return f"command line: {item if len(item) <= MAX_QUOTED else item[: MAX_QUOTED - 3] + '...'}"
+    return source
+
+
+def _format_errors(err: ValidationError, source: str, overrides: dict[str, str] | None = None) -> list[str]:
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
+        where = _source_of(loc, source, overrides or {})
+        required = _field_for(loc) is not None and _field_for(loc).is_required()
+        if e["type"] == "missing" or (required and e.get("input") is None):
+            problems.append(
+                f"required config key '{loc}' is not set, {where}, set it in the YAML ({loc}: ...) or on the "
+                f"command line ({loc}=...)"
+            )
+            continue
         if e["type"] == "extra_forbidden":
-            problems.append(f"unknown config key '{loc}', {source}, remove it{suggest_key(loc)}")
-        elif e["type"] == "missing":
-            problems.append(f"required config key '{loc}' is missing, {source}, add it (e.g. {loc}: ...)")
+            problems.append(f"unknown config key '{loc}', {where}, remove it{suggest_key(loc)}")
         elif not loc:
-            problems.append(f"{e['msg'].removeprefix('Value error, ')}, {source}")
+            problems.append(f"{e['msg'].removeprefix('Value error, ')}, {where}")
         else:
             got = e.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            problems.append(f"bad value for '{loc}'{got_s}, {source}: {e['msg'].lower()}")
+            got_s = "" if isinstance(got, dict) else f" (got {quote(got)})"
+            problems.append(f"bad value for '{loc}'{got_s}, {where}: {e['msg'].lower()}")
     return problems
+
+
+class _TooManyNodes(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents whose aliases expand past MAX_YAML_NODES nodes.
+
+    PyYAML shares an aliased node instead of copying it, so loading stays cheap; the blow-up
+    comes later, when pydantic walks the value or an error message prints it. The expanded
+    size is counted on the composed node graph (memoised per node), before anything is built.
+    """
+
+    def construct_document(self, node):
+        sizes: dict[int, int] = {}
+
+        def size(n) -> int:
+            if id(n) in sizes:
+                return sizes[id(n)]
+            sizes[id(n)] = 1  # a recursive alias counts once instead of looping
+            total = 1
+            if isinstance(n, yaml.SequenceNode):
+                total += sum(size(c) for c in n.value)
+            elif isinstance(n, yaml.MappingNode):
+                total += sum(size(k) + size(v) for k, v in n.value)
+            sizes[id(n)] = total
+            if total > MAX_YAML_NODES:
+                raise _TooManyNodes()
+            return total
+
+        size(node)
+        return super().construct_document(node)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -526,7 +613,14 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found, {p}, check the path (recipes ship in configs/)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader)
+    except RecursionError as e:
+        raise ConfigError(f"config nests too deeply, {p}, flatten it (no recursive anchors/aliases)") from e
+    except _TooManyNodes as e:
+        raise ConfigError(
+            f"config's anchors/aliases expand to more than {MAX_YAML_NODES} values, {p}, write the values out "
+            "or use fewer aliases"
+        ) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
@@ -544,6 +638,7 @@ def build_config(data: dict, overrides: list[str] | None = None, source: str = "
     """Validate a config mapping plus overrides, raising one ConfigError listing every problem."""
     problems: list[str] = []
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    given: dict[str, str] = {}  # key -> the override that set it, for error messages
     for item in overrides or []:
         try:
             key, value = parse_override(item)
@@ -551,10 +646,11 @@ def build_config(data: dict, overrides: list[str] | None = None, source: str = "
             problems += e.problems
             continue
         set_dotted(tree, key, value)
+        given[key] = item
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
-        problems += _format_errors(e, source)
+        problems += _format_errors(e, source, given)
         cfg = None
     if cfg is not None:
         problems += [f"{what}, {source}, {fix}" for what, fix in cfg.contradictions()]

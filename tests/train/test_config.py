@@ -1,6 +1,10 @@
+import time
+from pathlib import Path
+
 import pytest
 
 from loracraft.infer.errors import ConfigError
+from loracraft.train.cli import main
 from loracraft.train.config import build_config, config_diff, load_config, parse_override
 
 BASE = {"model": {"base": "m"}, "data": {"path": "d"}}
@@ -117,3 +121,84 @@ def test_every_shipped_recipe_validates():
         data["model"]["base"] = data["model"]["base"] or "x"
         data.setdefault("data", {})["path"] = data["data"].get("path") or "x"
         build_config(data, source=recipe.name)
+
+
+# ----------------------------------------------------------------------------- limits, through the CLI
+QUICKSTART = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
+SET = ["model.base=/nonexistent-base", "data.path=/nonexistent-data"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["train.seed=-1"], ["'train.seed'", "command line: train.seed=-1", "greater than or equal to 0"]),
+        ([f"train.seed={2**70}"], ["'train.seed'", "less than 4294967296"]),
+        ([f"validation.seed={2**63}"], ["'validation.seed'", f"less than {2**62}"]),
+        (
+            ["dreambooth={instance_prompt: a sks dog, class_generation: {seed: -5}}"],
+            ["'dreambooth.class_generation.seed'", "greater than or equal to 0"],
+        ),
+        (["lora.targets=[]"], ["'lora.targets'", "is empty", "use attn, transformer"]),
+        (["data.resolution=16384"], ["'data.resolution'", "less than or equal to 8192"]),
+        (["lora.rank=1000000"], ["'lora.rank'", "less than or equal to 4096"]),
+        (["lora.text_encoder={rank: 5000}"], ["'lora.text_encoder.rank'", "less than or equal to 4096"]),
+        (["train.lr=abc"], ["command line: train.lr=abc", "valid number"]),
+        (["train.max_steps=" + "9" * 5000 + "x"], ["'train.max_steps'", "..."]),
+    ],
+)
+def test_limits_are_one_line_errors_with_exit_2(overrides, needles, capsys):
+    assert main(["train", QUICKSTART, *SET, *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("loracraft: error: "), err
+    assert len(err[0]) < 700, len(err[0])  # quoted values are cut
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+
+
+def test_missing_required_keys_say_how_to_pass_them(capsys):
+    assert main(["train", QUICKSTART]) == 2  # quickstart leaves model.base and data.path null
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert "required config key 'model.base' is not set" in err[0] and "model.base=..." in err[0]
+    assert "required config key 'data.path' is not set" in err[1] and "quickstart.yaml" in err[1]
+
+
+def test_a_bad_yaml_value_names_the_file_not_the_command_line(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {base: m}\ndata: {path: d}\ntrain: {lr: abc}\n")
+    assert main(["train", str(p), "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}: input should be a valid number" in err and "command line" not in err
+
+
+def test_long_values_are_cut_in_messages():
+    with pytest.raises(ConfigError) as e:
+        build_config({**BASE, "train": {"lr": "9" * 10_000 + "x"}})
+    assert len(e.value.problems[0]) < 400 and "..." in e.value.problems[0]
+
+
+def _alias_bomb(depth: int) -> str:
+    lines = ["  a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, depth + 1)]
+    return (
+        "x:\n"
+        + "\n".join(lines)
+        + f"\nmodel: {{base: m}}\ndata: {{path: d}}\nvalidation: {{prompts: *a{depth}}}\n"
+    )
+
+
+@pytest.mark.parametrize("depth", [4, 9])
+def test_yaml_alias_bomb_is_refused_at_once(depth, tmp_path, capsys):
+    p = tmp_path / "bomb.yaml"
+    p.write_text(_alias_bomb(depth))
+    t0 = time.perf_counter()
+    assert main(["train", str(p)]) == 2
+    assert time.perf_counter() - t0 < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "anchors/aliases expand to more than 100000 values" in err[0], err
+
+
+def test_modest_yaml_aliases_still_work(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {base: &shared /models/x}\ndata: {path: *shared}\n")
+    assert load_config(p).data.path == "/models/x"
