@@ -9,14 +9,19 @@ safetensors + JSON:
   step-000040/optimizer.safetensors    optimizer state tensors; optimizer.json the rest
   step-000040/rng-rank0.safetensors    torch CPU (+CUDA) RNG state of each rank
   step-000040/ema.safetensors          EMA of the adapter weights (only with train.ema_decay)
-  step-000040/state.json               step, LR scheduler, grad scaler, config snapshot, processes
+  step-000040/state.json               step, LR scheduler, grad scaler, config snapshot, processes,
+                                       and the list of files loracraft wrote there
+  step-000040/pytorch_lora_weights.safetensors, <run name>-step-000040.safetensors
+                                       that step's adapter as shared files (see loracraft.train.export)
 
 The data position is not stored separately: every random draw is keyed by the global
 sample position (see data.keyed_seed), which the step counter determines.
 
 A checkpoint is written to ``.tmp-step-N-<pid>``, every file fsynced, then renamed: a
 directory named ``step-N`` is complete by construction; leftovers of a killed save are
-ignored and cleaned up.
+ignored and cleaned up. Any failure while writing (a full disk, a file-size limit) removes the
+temp dir and becomes one :class:`CheckpointError`; the complete checkpoints stay as they were.
+Rotation and re-saves delete only the files a checkpoint's ``state.json`` says loracraft wrote.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +40,9 @@ from loracraft.infer.errors import LoracraftError
 from loracraft.infer.io import fsync_dir
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+#: What checkpoints held before ``state.json`` listed its files.
+_OLD_FILES = {"adapter.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "state.json"}
+_OLD_RNG = re.compile(r"^rng-rank\d+\.safetensors$")
 
 
 class CheckpointError(LoracraftError):
@@ -90,11 +99,15 @@ def temp_dir(ckpt_root: Path, step: int) -> Path:
 def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
     """Main process: a fresh temp dir that every rank then writes its own files into."""
     tmp = temp_dir(ckpt_root, step)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
+
+    def make() -> Path:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        return tmp
+
+    return _guard(tmp, make)
 
 
 def save_rank_state(tmp: Path, rank: int) -> None:
@@ -114,8 +127,9 @@ def commit_checkpoint(
     state: dict,
     scaler=None,
     ema: dict[str, torch.Tensor] | None = None,
+    export: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Main process: write the shared state, fsync everything, and rename into place."""
+    """Main process: write the shared state (and ``export(folder)``'s files), fsync everything, rename into place."""
 
     def write() -> Path:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainables.items()}, str(tmp / "adapter.safetensors"))
@@ -124,7 +138,10 @@ def commit_checkpoint(
         opt_tensors, opt_meta = _optimizer_to_safe(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")
+        if export is not None:
+            export(tmp)
         full_state = dict(state, step=step, lr_scheduler=lr_scheduler.state_dict())
+        full_state["files"] = sorted([p.name for p in tmp.iterdir()] + ["state.json"])
         if scaler is not None:
             full_state["grad_scaler"] = scaler.state_dict()
         # state.json last: list_checkpoints() treats a dir without it as incomplete.
@@ -132,7 +149,7 @@ def commit_checkpoint(
         _fsync_tree(tmp)
         final = tmp.parent / step_dir_name(step)
         if final.exists():  # an older checkpoint of the same step (a resumed run re-saving it)
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
         fsync_dir(tmp.parent)
         return final
@@ -141,14 +158,18 @@ def commit_checkpoint(
 
 
 def _guard(tmp: Path, fn):
-    """Run a write; on OSError remove the temp dir and say the previous checkpoint is intact."""
+    """Run a write; on any failure remove the temp dir and say how to go on (the complete ones are intact).
+
+    Not only OSError: safetensors reports a full disk or a file-size limit as ``SafetensorError``."""
     try:
         return fn()
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - whatever broke the write, the answer is the same
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip().splitlines()
         raise CheckpointError(
-            f"could not write checkpoint {tmp.name.removeprefix('.tmp-')}, {tmp.parent}: {e.strerror or e}; "
-            "the previous checkpoint is intact — free disk space and resume"
+            f"could not write checkpoint ({reason[0][:200] if reason else type(e).__name__}), "
+            f"{tmp.parent / tmp.name.removeprefix('.tmp-')}, free disk space and run the same command again: "
+            "it resumes from the last complete checkpoint, which is intact"
         ) from e
 
 
@@ -172,9 +193,29 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
     """Delete the oldest complete checkpoints beyond ``keep`` (called only after a new one is complete)."""
     done = list_checkpoints(ckpt_root)
     for _, path in done[: max(0, len(done) - keep)]:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_checkpoint(path)
     for leftover in ckpt_root.glob(".tmp-step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete the files loracraft wrote into checkpoint ``path`` (its ``state.json`` lists them), and the
+    folder if nothing else is left in it; a file the user put there stays, and so does its folder."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a checkpoint loracraft can account for: leave it alone
+    if not isinstance(state, dict) or "lr_scheduler" not in state:
+        return
+    files = state.get("files") or [p.name for p in path.iterdir() if p.name in _OLD_FILES or _OLD_RNG.match(p.name)]
+    for name in files:
+        if name != "state.json" and "/" not in name and "\\" not in name:
+            (path / name).unlink(missing_ok=True)
+    (path / "state.json").unlink(missing_ok=True)  # last: until then the folder still lists as complete
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 def read_state(ckpt: Path) -> dict:

@@ -271,6 +271,10 @@ class OutputCfg(_Section):
         "replace = the EMA weights are the final adapter",
     )
     report: bool = Field(True, description="write report.html (curves, samples, LoRA-scale sweep) at the end")
+    share_config: bool = Field(
+        False, description="also write the full config (paths, prompts) into the adapter files' header; "
+        "off: the header holds training facts only (base model by name), the full config stays in run.json"
+    )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
 
     @field_validator("report_to", mode="before")

@@ -18,16 +18,15 @@ import torch
 from tqdm.auto import tqdm
 
 from loracraft.infer.errors import ConfigError, LoracraftError, UsageError
-from loracraft.infer.formats import FAMILY_METADATA_KEY, LORA_WEIGHT_NAME, save_diffusers_lora, tensors_sha256
-from loracraft.infer.formats.lycoris import save_lycoris
-from loracraft.infer.io import write_json_atomic, write_text_atomic
-from loracraft.infer.names import LYCORIS_WEIGHT_NAME
+from loracraft.infer.formats import tensors_sha256
+from loracraft.infer.io import write_text_atomic
 from loracraft.train import checkpoint as ckpt
-from loracraft.train import run_dir
+from loracraft.train import export, run_dir
 from loracraft.train.cache import build_caches, cache_plan, default_cache_dir
 from loracraft.train.components import (
     Components,
     check_base,
+    check_rank,
     fingerprint_base,
     freeze_and_cast,
     inference_pipeline,
@@ -55,7 +54,7 @@ from loracraft.train.loss import (
     sample_noise_and_timesteps,
     training_target,
 )
-from loracraft.train.manifest import environment, git_commit, scrub, versions
+from loracraft.train.manifest import scrub
 from loracraft.train.optim import build_optimizer, optimizer_problems, param_groups
 from loracraft.train.preserve import (
     adapters_disabled,
@@ -65,7 +64,6 @@ from loracraft.train.preserve import (
     select_rows,
 )
 
-EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"
 LOG_EVERY = 10  # host syncs for logging happen only this often
 
 
@@ -107,8 +105,34 @@ class LoraTrainer:
         validate_before_load(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.output.dir)
-        self._signal: int | None = None
         self.dreambooth = DreamBooth(cfg, self._print) if cfg.dreambooth else None
+        self.step = 0  # optimizer steps done; optimizer_step() advances it
+        #: Seconds spent in one-time setup work, by name (``cache_s``, ``cache_cpu_s``: the cache fill).
+        self.timings: dict[str, float] = {}
+        # Filled by setup(), in its order.
+        self.accelerator = None
+        self.images = None
+        self.dataset_fingerprint: str | None = None
+        self.resume_from: Path | None = None
+        self.c: Components | None = None
+        self.weight_dtype: torch.dtype | None = None
+        self.conditioning = None
+        self.sizes: list[tuple[int, int]] | None = None
+        self.planner: Planner | None = None
+        self.sources: dict | None = None
+        self.class_examples: TrainingExamples | None = None
+        self.loss_fn = None
+        self.lora_config = self.te_lora_config = self.te2_lora_config = None
+        self.trainables: dict[str, torch.nn.Parameter] | None = None
+        self.optimizer = None
+        self.lr_scheduler = None
+        self.ema: AdapterEMA | None = None
+        self.unet = self.text_encoder = self.text_encoder_2 = None  # accelerate-prepared once set up
+        self.batches = None
+        self._pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss, lr) not yet logged
+        self._start_time = time.time()
+        self._base_fp: str | None = None
+        self._signal: int | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -118,6 +142,7 @@ class LoraTrainer:
         self.images = self._setup_data()
         self.resume_from = self._setup_run_dir()
         self.c = self._setup_models()
+        check_rank(self.c, self.cfg.lora, self.cfg.model.base)  # before the adapter allocates
         self.planner = self._setup_planner()
         self.sources = self._setup_cache()
         self.class_examples = self._setup_class_examples()  # DreamBooth prior preservation, else None
@@ -166,7 +191,8 @@ class LoraTrainer:
         except LoracraftError:
             tokenizer = None  # the model load reports the base properly; token counts are advisory
         report = check_dataset(
-            d.path, d.resolution, tokenizer, d.image_column, d.caption_column, progress=acc.is_main_process
+            d.path, d.resolution, tokenizer, d.image_column, d.caption_column, progress=acc.is_main_process,
+            allow_outside_links=d.allow_outside_links,
         )
         if self.dreambooth:  # captions come from dreambooth.instance_prompt
             report = with_captions(report, self.dreambooth.caption)
@@ -440,6 +466,7 @@ class LoraTrainer:
 
     def _setup_logging(self) -> None:
         acc = self.accelerator
+        self._start_time = time.time()
         if acc.is_main_process:
             (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
             _truncate_metrics(self.run_dir / "logs" / "metrics.jsonl", after_step=self.step)
@@ -447,8 +474,6 @@ class LoraTrainer:
         flat = _flatten(scrub(self.cfg.dump()))
         init_kwargs = {"wandb": {"dir": str(self.run_dir / "logs"), "name": self.run_dir.name}}
         acc.init_trackers("loracraft", config=flat, init_kwargs=init_kwargs)
-        self._pending: list[tuple[int, torch.Tensor, float]] = []
-        self._start_time = time.time()
         t = self.cfg.train
         self._print(
             f"training {len(self.trainables)} LoRA tensors "
@@ -533,8 +558,9 @@ class LoraTrainer:
 
     def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         c = self.c
-        # Before setup() prepares them (cache building), the plain modules; afterwards the prepared ones.
-        encoders = [getattr(self, "text_encoder", c.text_encoder), getattr(self, "text_encoder_2", c.text_encoder_2)]
+        # While the cache is built (before _prepare) the plain modules; afterwards the prepared ones.
+        prepared = self.unet is not None
+        encoders = [self.text_encoder, self.text_encoder_2] if prepared else [c.text_encoder, c.text_encoder_2]
         return self.conditioning.encode_prompt(
             [c.tokenizer, c.tokenizer_2], encoders[: len(c.text_encoders)], captions, self.accelerator.device
         )
@@ -615,29 +641,46 @@ class LoraTrainer:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
 
     def _checkpoint(self) -> None:
-        """Every rank writes its RNG into the main process's temp dir; main commits it atomically."""
+        """Every rank writes its RNG into the main process's temp dir; main adds the shared state and
+        this step's adapter files and renames it into place. A failed write anywhere stops every rank
+        with the same error (no rank left waiting in a collective)."""
         self._flush_logs()
-        acc, t = self.accelerator, self.cfg.train
+        acc = self.accelerator
         root = self.run_dir / "checkpoints"
         acc.wait_for_everyone()
-        tmp = ckpt.begin_checkpoint(root, self.step) if acc.is_main_process else ckpt.temp_dir(root, self.step)
-        acc.wait_for_everyone()
-        ckpt.save_rank_state(tmp, acc.process_index)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {
-                "config": scrub(self.cfg.dump()),
-                "config_training": self.cfg.training_relevant(),
-                "num_processes": acc.num_processes,
-                "effective_batch": t.batch_size * acc.num_processes * t.grad_accum,
-                "samples_seen": self.step * t.grad_accum * t.batch_size * acc.num_processes,
-            }
-            ckpt.commit_checkpoint(
-                tmp, self.step, self.trainables, self.optimizer.optimizer, self.lr_scheduler, state, acc.scaler,
-                ema=self.ema.shadow if self.ema else None,
-            )
-            ckpt.prune_checkpoints(root, self.cfg.checkpoint.keep)
-        acc.wait_for_everyone()
+        tmp = ckpt.temp_dir(root, self.step)
+        self._on_every_rank(lambda: acc.is_main_process and ckpt.begin_checkpoint(root, self.step))
+        self._on_every_rank(lambda: ckpt.save_rank_state(tmp, acc.process_index))
+        self._on_every_rank(lambda: acc.is_main_process and self._commit_checkpoint(tmp))
+
+    def _commit_checkpoint(self, tmp: Path) -> None:
+        acc, t = self.accelerator, self.cfg.train
+        state = {
+            "config": scrub(self.cfg.dump()),
+            "config_training": self.cfg.training_relevant(),
+            "num_processes": acc.num_processes,
+            "effective_batch": t.batch_size * acc.num_processes * t.grad_accum,
+            "samples_seen": self.step * t.grad_accum * t.batch_size * acc.num_processes,
+        }
+        ckpt.commit_checkpoint(
+            tmp, self.step, self.trainables, self.optimizer.optimizer, self.lr_scheduler, state, acc.scaler,
+            ema=self.ema.shadow if self.ema is not None else None,
+            export=lambda folder: self._export(folder, self._final_states(), step=self.step),
+        )
+        ckpt.prune_checkpoints(tmp.parent, self.cfg.checkpoint.keep)
+
+    def _on_every_rank(self, write) -> None:
+        """Run a checkpoint write; if it failed on any rank, every rank raises that rank's error."""
+        from accelerate.utils import gather_object
+
+        try:
+            write()
+            message = None
+        except ckpt.CheckpointError as e:
+            message = str(e)
+        failed = [m for m in gather_object([message]) if m]
+        if failed:
+            raise ckpt.CheckpointError(failed[0])
 
     def _stop_on_signal(self) -> None:
         name = signal.Signals(self._signal).name
@@ -678,26 +721,18 @@ class LoraTrainer:
 
     # ------------------------------------------------------------------ finish
     def cleanup(self) -> Path:
-        """Final adapter + manifest (main process), trackers closed."""
+        """Final adapter files + manifest (main process), trackers closed."""
         from accelerate.utils import gather_object
 
         acc = self.accelerator
         acc.wait_for_everyone()
-        out = self._adapter_file()
-        states = self._final_states()
+        variants = self._final_states()
         # Every rank's hash goes into the manifest: DDP replicas must hold identical weights.
-        rank_hashes = gather_object([tensors_sha256(_flat_state(*states[LORA_WEIGHT_NAME]))])
+        rank_hashes = gather_object([tensors_sha256(variants[False].flat())])
         if acc.is_main_process:
-            for name, state in states.items():
-                self._save_adapter(name, *state)
-            self._write_manifest(status="complete", weights_sha256=rank_hashes[0], rank_weights_sha256=rank_hashes)
-            self._print(f"adapter written to {out}")
-            if self.cfg.lora.type != "lora":
-                self._print(
-                    f"{self.cfg.lora.type} adapters are saved in the kohya/LyCORIS layout only (A1111, ComfyUI, kohya, "
-                    f"loracraft generate --lora {out}); diffusers' load_lora_weights reads LoRA only, so no "
-                    f"{LORA_WEIGHT_NAME} is written"
-                )
+            written = self._export(self.run_dir, variants)
+            self._write_manifest("complete", weights_sha256=rank_hashes[0], rank_weights_sha256=rank_hashes)
+            self._print(f"adapter written to {self.run_dir}: {', '.join(p.name for p in written)}")
             if self.cfg.output.report:
                 from loracraft.train.commands.report import write_report
 
@@ -705,54 +740,48 @@ class LoraTrainer:
         acc.wait_for_everyone()  # no rank still in a collective when the group goes away
         self._release_ddp_wrappers()
         acc.end_training()
-        return out
+        return self._adapter_file()
 
-    def _save_adapter(self, name: str, unet_state: dict, te_state: dict | None, te2_state: dict | None) -> None:
-        """LoRA: diffusers/PEFT format (text encoders included); LoHa/LoKr: the kohya/LyCORIS layout."""
+    def _export(self, folder: Path, variants: dict[bool, export.AdapterStates], step: int | None = None) -> list[Path]:
+        """The shared adapter files (diffusers + kohya, or LyCORIS) of the final run or of a checkpoint."""
         lo = self.cfg.lora
-        if lo.type != "lora":
-            save_lycoris(self._adapter_file(name), unet_state, lo.type, lo.rank, lo.alpha, self._adapter_metadata())
-            return
-        save_diffusers_lora(
-            self.run_dir / name, unet_state, self.lora_config.to_dict(), self._adapter_metadata(),
-            text_encoder_state=te_state,
-            text_encoder_lora_config=self.te_lora_config.to_dict() if self.te_lora_config else None,
-            text_encoder_2_state=te2_state,
-            text_encoder_2_lora_config=self.te2_lora_config.to_dict() if self.te2_lora_config else None,
+        configs = [c.to_dict() if c is not None else None for c in (self.lora_config, self.te_lora_config,
+                                                                     self.te2_lora_config)]
+        shape = export.AdapterShape(lo.type, lo.rank, lo.alpha, *configs, dora=lo.use_dora)
+        metadata = export.adapter_metadata(
+            self.cfg, family=self.c.family, step=self.step, num_images=len(self.images),
+            num_reg_images=len(self.dreambooth.class_images) if self.class_examples is not None else 0,
+            dataset_fingerprint=self.dataset_fingerprint,
         )
+        return export.export(folder, export.run_name(self.run_dir), variants, shape, metadata, step=step)
 
     def _release_ddp_wrappers(self) -> None:
         """DDP's reducer keeps the process group alive; left to interpreter teardown, gloo's
         worker threads can abort a rank (SIGABRT, "terminate called without an active
         exception") after a successful run. Unwrap and free them while Python is still whole."""
-        acc = self.accelerator
-        for name in ("unet", "text_encoder", "text_encoder_2"):
-            if getattr(self, name, None) is not None:
-                setattr(self, name, acc.unwrap_model(getattr(self, name)))
-        acc.free_memory()
+        unwrap = self.accelerator.unwrap_model
+        self.unet = unwrap(self.unet)
+        self.text_encoder = unwrap(self.text_encoder) if self.text_encoder is not None else None
+        self.text_encoder_2 = unwrap(self.text_encoder_2) if self.text_encoder_2 is not None else None
+        self.accelerator.free_memory()
 
-    def _adapter_file(self, name: str = LORA_WEIGHT_NAME) -> Path:
-        """Where adapter file ``name`` goes; LoHa/LoKr get the LyCORIS names (not diffusers-loadable)."""
-        if self.cfg.lora.type != "lora":
-            name = name.replace(LORA_WEIGHT_NAME.removesuffix(".safetensors"), LYCORIS_WEIGHT_NAME.removesuffix(".safetensors"))
-        return self.run_dir / name
+    def _adapter_file(self) -> Path:
+        return export.main_file(self.run_dir, self.cfg.lora.type)
 
     def _ema_weights(self, use: bool = True):
         """Context: the model holds the EMA weights inside (if EMA is on and ``use``), its own after."""
-        return self.ema.applied(self.trainables) if (self.ema and use) else contextlib.nullcontext()
+        return self.ema.applied(self.trainables) if (self.ema is not None and use) else contextlib.nullcontext()
 
-    def _final_states(self) -> dict[str, tuple[dict, dict | None, dict | None]]:
-        """File name -> (UNet, text-encoder, text-encoder-2) adapter states: the trained weights,
-        and the EMA's (output.export_ema)."""
-        states = {LORA_WEIGHT_NAME: self._adapter_states()}
-        if self.ema:
-            with self._ema_weights():
-                ema_states = self._adapter_states(copy=True)  # copies: the weights are restored on exit
-            name = LORA_WEIGHT_NAME if self.cfg.output.export_ema == "replace" else EMA_WEIGHT_NAME
-            states[name] = ema_states
-        return states
+    def _final_states(self) -> dict[bool, export.AdapterStates]:
+        """``{is_ema: states}`` to export: the trained weights, and the EMA's (output.export_ema)."""
+        trained = self._adapter_states()
+        if self.ema is None:
+            return {False: trained}
+        with self._ema_weights():
+            averaged = self._adapter_states(copy=True)  # copies: the weights are restored on exit
+        return {False: averaged} if self.cfg.output.export_ema == "replace" else {False: trained, True: averaged}
 
-    def _adapter_states(self, copy: bool = False) -> tuple[dict, dict | None, dict | None]:
+    def _adapter_states(self, copy: bool = False) -> export.AdapterStates:
         unwrap = self.accelerator.unwrap_model
 
         def state(model, trained) -> dict | None:
@@ -760,71 +789,29 @@ class LoraTrainer:
                 return None
             return {k: v.clone() if copy else v for k, v in unet_lora_state_dict(unwrap(model)).items()}
 
-        return (
+        return export.AdapterStates(
             state(self.unet, True),
             state(self.text_encoder, self.te_lora_config),
             state(self.text_encoder_2, self.te2_lora_config),
         )
 
-    def _adapter_metadata(self) -> dict[str, str]:
-        cfg = self.cfg
-        return {
-            "loracraft_config": json.dumps(scrub(cfg.dump()), sort_keys=True),
-            "loracraft_dataset_fingerprint": self.dataset_fingerprint,
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(cfg.lora.rank),
-            "ss_network_alpha": str(cfg.lora.alpha),
-            "ss_sd_model_name": cfg.model.base,
-            "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
-            "ss_max_train_steps": str(cfg.train.max_steps),
-            "ss_steps": str(self.step),
-            "ss_learning_rate": str(cfg.train.lr),
-            "ss_seed": str(cfg.train.seed),
-            "ss_num_train_images": str(len(self.images)),
-            "ss_num_reg_images": str(len(self.dreambooth.class_images) if self.class_examples is not None else 0),
-            "ss_training_comment": "trained with loracraft",
-            FAMILY_METADATA_KEY: self.c.family,
-            **({"ss_base_model_version": "sdxl_base_v1-0"} if self.c.family == "sdxl" else {}),
-        }
-
     def _write_manifest(self, status: str, weights_sha256: str | None = None,
                         rank_weights_sha256: list[str] | None = None) -> None:
-        manifest = {
-            "status": status,
-            "config": scrub(self.cfg.dump()),
-            "config_training": self.cfg.training_relevant(),
-            "seed": self.cfg.train.seed,
-            "steps": self.step if hasattr(self, "step") else 0,
-            "versions": versions(),
-            "git_commit": git_commit(),
-            "environment": environment(),
-            "num_processes": self.accelerator.num_processes,
-            "dataset_fingerprint": self.dataset_fingerprint,
-            "base_fingerprint": getattr(self, "_base_fp", None) or self._fingerprint_base(),
-            "weights_sha256": weights_sha256,
-            "rank_weights_sha256": rank_weights_sha256,
-            "wall_time_s": round(time.time() - getattr(self, "_start_time", time.time()), 3),
-            "adapter": self._adapter_file().name if weights_sha256 else None,
-        }
-        write_json_atomic(self.run_dir / "run.json", manifest)
+        export.write_manifest(
+            self.run_dir, self.cfg, status=status, step=self.step, num_processes=self.accelerator.num_processes,
+            dataset_fingerprint=self.dataset_fingerprint, base_fingerprint=self._fingerprint_base(),
+            started=self._start_time, weights_sha256=weights_sha256, rank_weights_sha256=rank_weights_sha256,
+            adapter=self._adapter_file().name if weights_sha256 else None,
+        )
 
     def _fingerprint_base(self) -> str:
-        self._base_fp = fingerprint_base(self.cfg.model.base)
+        if self._base_fp is None:
+            self._base_fp = fingerprint_base(self.cfg.model.base)
         return self._base_fp
 
     def _print(self, msg: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(f"loracraft: {msg}", file=sys.stderr)
-
-
-def _flat_state(unet_state: dict, te_state: dict | None, te2_state: dict | None = None) -> dict:
-    """One dict to hash; UNet-only adapters keep their historical (unprefixed) hash."""
-    if te_state is None and te2_state is None:
-        return unet_state
-    flat = {f"unet.{k}": v for k, v in unet_state.items()}
-    for prefix, state in (("text_encoder", te_state), ("text_encoder_2", te2_state)):
-        flat.update({f"{prefix}.{k}": v for k, v in (state or {}).items()})
-    return flat
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

@@ -34,7 +34,7 @@ def test_safetensors_metadata_carries_training_parameters(cli_run):
         keys = list(f.keys())
     adapter = json.loads(meta["lora_adapter_metadata"])
     assert adapter["unet.r"] == 8 and adapter["unet.lora_alpha"] == 4
-    assert meta["ss_network_dim"] == "8" and json.loads(meta["loracraft_config"])["train"]["max_steps"] == 20
+    assert meta["ss_network_dim"] == "8" and meta["ss_max_train_steps"] == "20" and "loracraft_config" not in meta
     assert all(k.startswith("unet.") for k in keys)
 
 

@@ -71,7 +71,8 @@ def test_only_one_set_of_outputs(two_proc):
     rows = [json.loads(r)["step"] for r in (two_proc / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(1, STEPS + 1))
     names = sorted(p.name for p in two_proc.iterdir())
-    assert names == ["checkpoints", "logs", "pytorch_lora_weights.safetensors", "run.json"]
+    assert names == [".loracraft-run", "checkpoints", "logs", "pytorch_lora_weights.safetensors", "run.json",
+                     "run.safetensors"]
     ckpt = sorted((two_proc / "checkpoints").iterdir())[-1]
     assert sorted(p.name for p in ckpt.glob("rng-rank*")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
 

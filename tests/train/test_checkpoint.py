@@ -67,8 +67,41 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", full)
-    with pytest.raises(ckpt.CheckpointError, match=r"step-000002.*No space left.*previous checkpoint is intact"):
+    with pytest.raises(ckpt.CheckpointError, match=r"No space left.*step-000002, free disk space.*intact"):
         ckpt.save_checkpoint(tmp_path, 2, params, opt, sched, state={})
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_any_write_error_is_one_checkpoint_error_and_leaves_no_temp_dir(tmp_path, monkeypatch):
+    """safetensors reports a full disk or a file-size limit as SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+
+    params, opt, sched = _state()
+    ckpt.save_checkpoint(tmp_path, 1, params, opt, sched, state={})
+
+    def too_large(*a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 27, message: "File too large" })\nmore')
+
+    monkeypatch.setattr(ckpt, "save_file", too_large)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.save_checkpoint(tmp_path, 2, params, opt, sched, state={})
+    assert "\n" not in str(e.value) and "File too large" in str(e.value)
+    assert str(tmp_path / "step-000002") in str(e.value) and "free disk space" in str(e.value)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_rotation_deletes_only_what_loracraft_wrote(tmp_path):
+    params, opt, sched = _state()
+    first = ckpt.save_checkpoint(tmp_path, 1, params, opt, sched, state={})
+    (first / "my-notes.txt").write_text("mine")  # the user's file inside a checkpoint folder
+    own = tmp_path / "step-000000"  # the user's own folder with a checkpoint-like name
+    own.mkdir()
+    (own / "state.json").write_text('{"step": 0}')
+    for step in (2, 3):
+        ckpt.save_checkpoint(tmp_path, step, params, opt, sched, state={})
+        ckpt.prune_checkpoints(tmp_path, keep=1)
+    assert [p.name for p in first.iterdir()] == ["my-notes.txt"]  # its own files went, the user's stayed
+    assert (own / "state.json").read_text() == '{"step": 0}'
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [0, 3]
