@@ -217,7 +217,52 @@ class TrainCfg(_Section):
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma weighting (5.0 is typical)")
-    noise_offset: float = Field(0.0, ge=0)
+    noise_offset: float = Field(
+        0.0, ge=0, description="offset noise: + this x one normal draw per sample and channel (0.05-0.1 typical)"
+    )
+    adaptive_noise_scale: float | None = Field(
+        None, description="kohya: noise offset + this x |latent channel mean| (needs noise_offset; may be negative)"
+    )
+    multires_noise_iterations: int = Field(
+        0, ge=0, description="multi-resolution (pyramid) noise levels, kohya style (6-10 typical); 0 = off"
+    )
+    multires_noise_discount: float = Field(
+        0.3, gt=0, le=1, description="weight of each coarser multi-resolution noise level (kohya's default 0.3)"
+    )
+    input_perturbation: float = Field(
+        0.0, ge=0, description="noise the latents with noise + this x fresh noise, target unchanged (0.1 typical; "
+        "diffusers --input_perturbation, kohya --ip_noise_gamma)",
+    )
+    zero_terminal_snr: bool = Field(
+        False, description="rescale the noise schedule to zero terminal SNR (Lin et al. 2023); use with "
+        "v_prediction, and sample with rescale_betas_zero_snr + timestep_spacing=trailing",
+    )
+    min_timestep: int = Field(0, ge=0, description="lowest training timestep (kohya --min_timestep)")
+    max_timestep: int | None = Field(
+        None, gt=0, description="timesteps are drawn below this (exclusive, kohya --max_timestep); null = the "
+        "scheduler's num_train_timesteps (1000)",
+    )
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = Field(
+        "uniform", description="timestep density: uniform | logit_normal (SD3 paper; logit_mean, logit_std) | "
+        "mode (SD3 paper; mode_scale)",
+    )
+    logit_mean: float = Field(0.0, description="mean of the logit-normal timestep density")
+    logit_std: float = Field(1.0, gt=0, description="std of the logit-normal timestep density")
+    mode_scale: float = Field(1.29, description="scale of the SD3 'mode' timestep density")
+    loss_type: Literal["mse", "l1", "huber", "smooth_l1"] = Field(
+        "mse", description="mse (kohya l2) | l1 | huber | smooth_l1 (scheduled pseudo-Huber, kohya --loss_type)"
+    )
+    huber_c: float = Field(0.1, gt=0, le=1, description="pseudo-Huber c of loss_type huber/smooth_l1 (kohya default 0.1)")
+    huber_schedule: Literal["snr", "exponential", "constant"] = Field(
+        "snr", description="how huber_c varies with the timestep (kohya's huber_schedule; snr is its default)"
+    )
+    debiased_estimation: bool = Field(
+        False, description="weight the loss by 1/sqrt(SNR) (1/(SNR+1) for v), kohya --debiased_estimation_loss"
+    )
+    optimizer_args: dict[str, Any] = Field(
+        default_factory=dict, description="extra optimizer constructor arguments, e.g. {betas: [0.9, 0.99], "
+        "eps: 1.0e-8} or prodigy's {d_coef: 0.8, use_bias_correction: true}",
+    )
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="EMA of the adapter weights with this decay (e.g. 0.999); null = off"
     )
@@ -325,10 +370,32 @@ class Config(_Section):
             found.append(("output.export_ema=replace but train.ema_decay is null (no EMA is kept)",
                           "set train.ema_decay (e.g. 0.999) or output.export_ema=extra"))
         found += self._lycoris_contradictions()
+        found += self._training_control_contradictions()
         found += self._dreambooth_contradictions()
         if self.preserve is not None and self.dreambooth is not None:
             found.append(("preserve and dreambooth are both set (two regularisation schemes for one batch)",
                           "use dreambooth prior preservation or preserve, not both"))
+        return found
+
+    def _training_control_contradictions(self) -> list[tuple[str, str]]:
+        """Noise/timestep/loss options set without the option that uses them: refused, never ignored."""
+        t, found = self.train, []
+        if t.max_timestep is not None and t.min_timestep >= t.max_timestep:
+            found.append((f"train.min_timestep ({t.min_timestep}) is not below train.max_timestep ({t.max_timestep})",
+                          "lower min_timestep or raise max_timestep (max is exclusive)"))
+        unused = [
+            ("adaptive_noise_scale", t.noise_offset > 0, "set train.noise_offset (e.g. 0.05)"),
+            ("multires_noise_discount", t.multires_noise_iterations > 0, "set train.multires_noise_iterations (e.g. 6)"),
+            ("logit_mean", t.timestep_sampling == "logit_normal", "set train.timestep_sampling=logit_normal"),
+            ("logit_std", t.timestep_sampling == "logit_normal", "set train.timestep_sampling=logit_normal"),
+            ("mode_scale", t.timestep_sampling == "mode", "set train.timestep_sampling=mode"),
+            ("huber_c", t.loss_type in ("huber", "smooth_l1"), "set train.loss_type=huber or smooth_l1"),
+            ("huber_schedule", t.loss_type in ("huber", "smooth_l1"), "set train.loss_type=huber or smooth_l1"),
+        ]
+        for key, used, fix in unused:
+            # a changed value, not mere presence: saved configs (run.json, the UI's YAML) list every key
+            if getattr(t, key) != TrainCfg.model_fields[key].default and not used:
+                found.append((f"train.{key} is set but has no effect with the other train settings", f"{fix} or remove it"))
         return found
 
     def _lycoris_contradictions(self) -> list[tuple[str, str]]:

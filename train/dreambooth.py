@@ -261,9 +261,12 @@ class DreamBooth:
         stream = SampleStream(self.class_images.repeats(), seed)
         return Planner(self.class_images, stream, self.cfg.data, seed, [(res, res)] * len(self.class_images))
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Prior-preservation loss of a paired batch (first half instance, second half class)."""
-        return prior_preservation_loss(pred, target, pred.shape[0] // 2, self.db.prior_loss_weight, weights)
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+             **loss_options) -> torch.Tensor:
+        """Prior-preservation loss of a paired batch (first half instance, second half class);
+        ``loss_options`` (``loss_type``, ``huber_c``) as :func:`loracraft.train.loss.diffusion_loss`."""
+        return prior_preservation_loss(pred, target, pred.shape[0] // 2, self.db.prior_loss_weight, weights,
+                                       **loss_options)
 
 
 __all__ = [

@@ -7,13 +7,18 @@
 | prodigy   | ``prodigyopt.Prodigy`` (learning-rate free; lr ~1.0) | ``loracraft[prodigy]`` |
 | adafactor | ``transformers.optimization.Adafactor``, fixed lr | (none)             |
 
+``train.optimizer_args`` go to the constructor as keyword arguments (kohya's
+``--optimizer_args``), checked against its signature before any weights load.
+
 Every optimizer's state is a dict of tensors and plain numbers, which the pickle-free
 checkpoint stores as safetensors + JSON (tested by exact-resume tests).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import inspect
 from collections.abc import Iterable
 
 import torch
@@ -26,6 +31,11 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 def optimizer_problems(cfg_train) -> list[str]:
     """Why the configured optimizer cannot run here (no weights needed): one line per problem."""
     name = cfg_train.optimizer
+    backend = _backend_problems(name)
+    return backend or _argument_problems(name, cfg_train.optimizer_args)
+
+
+def _backend_problems(name: str) -> list[str]:
     if name == "adamw8bit":
         if not torch.cuda.is_available():
             # bitsandbytes' 8-bit optimizer update kernels are CUDA kernels; on a CPU-only
@@ -45,6 +55,67 @@ def optimizer_problems(cfg_train) -> list[str]:
             "pip install 'loracraft[prodigy]' (or choose train.optimizer=adamw)"
         ]
     return []
+
+
+#: constructor arguments loracraft sets itself, and the config key that sets them
+_OWN_ARGS = {"params": "the trained LoRA parameters", "lr": "train.lr", "weight_decay": "train.weight_decay"}
+
+
+def _optimizer_class(name: str) -> type:
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor
+    raise ConfigError(f"unknown train.optimizer {name!r}, config, use one of {', '.join(OPTIMIZERS)}")
+
+
+def _argument_problems(name: str, args: dict) -> list[str]:
+    """``train.optimizer_args`` keys the optimizer's constructor does not take (checked by
+    ``inspect.signature``, so a typo fails before any weights load instead of in the first step)."""
+    if not args:
+        return []
+    params = inspect.signature(_optimizer_class(name).__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = sorted(k for k, p in params.items() if k not in ("self", *_OWN_ARGS) and p.kind is not p.VAR_KEYWORD)
+    problems = []
+    for key in args:
+        if key in _OWN_ARGS:
+            problems.append(f"train.optimizer_args.{key} is set by loracraft, config, use {_OWN_ARGS[key]} instead")
+        elif key not in params and not takes_any:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(
+                f"train.optimizer_args.{key} is not an argument of {name}, config, {hint}"
+                f"{name} takes {', '.join(accepted)}"
+            )
+    return problems
+
+
+def optimizer_kwargs(args: dict) -> dict:
+    """Constructor keyword arguments from ``train.optimizer_args``: YAML lists become tuples
+    (``betas: [0.9, 0.99]``), and numbers YAML 1.1 reads as strings (``eps: 1e-8``) become floats."""
+
+    def value(v):
+        if isinstance(v, list):
+            return tuple(value(x) for x in v)
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                return v
+        return v
+
+    return {k: value(v) for k, v in args.items()}
 
 
 def param_groups(
@@ -87,27 +158,20 @@ def build_optimizer(
     if problems:
         raise ConfigError(problems[0], problems)
     params = list(params_or_groups)
-    name, wd = cfg_train.optimizer, cfg_train.weight_decay
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=effective_lr, weight_decay=wd)
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=effective_lr, weight_decay=wd)
-    if name == "prodigy":
-        from prodigyopt import Prodigy
-
-        # Prodigy estimates the step size itself; lr is a multiplier on it (1.0 recommended).
-        return Prodigy(params, lr=effective_lr, weight_decay=wd)
+    name = cfg_train.optimizer
+    kwargs = {"lr": effective_lr, "weight_decay": cfg_train.weight_decay}
     if name == "adafactor":
-        from transformers.optimization import Adafactor
-
         # Fixed external learning rate (the kohya / OneTrainer LoRA setting), not Adafactor's
         # relative step size, so train.lr and the LR schedule mean what they say.
-        return Adafactor(
-            params, lr=effective_lr, weight_decay=wd, scale_parameter=False, relative_step=False, warmup_init=False
-        )
-    raise ConfigError(f"unknown train.optimizer {name!r}, config, use one of {', '.join(OPTIMIZERS)}")
+        kwargs.update(scale_parameter=False, relative_step=False, warmup_init=False)
+    # Prodigy estimates the step size itself; lr is a multiplier on it (1.0 recommended).
+    kwargs.update(optimizer_kwargs(cfg_train.optimizer_args))
+    try:
+        return _optimizer_class(name)(params, **kwargs)
+    except (ValueError, TypeError) as e:  # torch's own range checks, e.g. "Invalid beta parameter at index 0"
+        if not cfg_train.optimizer_args:
+            raise
+        raise ConfigError(f"bad train.optimizer_args for {name} ({e}), config, fix the value") from e
 
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "optimizer_problems", "param_groups"]

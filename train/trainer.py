@@ -49,10 +49,12 @@ from loracraft.train.ema import AdapterEMA
 from loracraft.train.lora import inject_lora, inject_text_encoder_lora, unet_lora_state_dict
 from loracraft.train.loss import (
     diffusion_loss,
-    min_snr_weights,
+    loss_options,
+    loss_weights,
+    noise_latents,
     sample_latents,
-    sample_noise_and_timesteps,
     training_target,
+    with_zero_terminal_snr,
 )
 from loracraft.train.manifest import scrub
 from loracraft.train.optim import build_optimizer, optimizer_problems, param_groups
@@ -266,6 +268,8 @@ class LoraTrainer:
         c = load_components(m.base, m.revision, m.variant)
         if m.prediction_type:
             c.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
+        if self.cfg.train.zero_terminal_snr:
+            c.noise_scheduler = with_zero_terminal_snr(c.noise_scheduler)
         multiple = c.size_multiple
         if self.cfg.data.resolution % multiple:
             raise ConfigError(
@@ -500,22 +504,17 @@ class LoraTrainer:
         """encode -> keyed noise and timesteps -> noisy latents -> UNet -> weighted MSE."""
         c, t = self.c, self.cfg.train
         positions = batch["positions"].tolist()
-        device = self.accelerator.device
         with torch.no_grad():
             latents = self._latents(batch, positions)
         text = self._text(batch)  # with grad: the text encoder may carry a LoRA (lora.text_encoder)
-        noise, timesteps = sample_noise_and_timesteps(
-            tuple(latents.shape[1:]), positions, t.seed, c.noise_scheduler.config.num_train_timesteps, t.noise_offset
-        )
-        noise, timesteps = noise.to(device), timesteps.to(device)
-        noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+        noise, timesteps, noisy = noise_latents(c.noise_scheduler, latents, positions, t)  # train.* noise controls
         pred = self.unet(noisy, timesteps, **self.conditioning.unet_kwargs(text, batch.get("size_cond"))).sample
         prediction_type = c.noise_scheduler.config.prediction_type
         target = training_target(c.noise_scheduler, latents, noise, timesteps, prediction_type)
-        weights = min_snr_weights(c.noise_scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
+        weights = loss_weights(c.noise_scheduler, timesteps, t, prediction_type)  # min-SNR, debiased estimation
         if self.cfg.preserve is not None:
             target, weights = self._preserve_base(batch, noisy, timesteps, target, weights)
-        return self.loss_fn(pred, target, weights)
+        return self.loss_fn(pred, target, weights, **loss_options(c.noise_scheduler, timesteps, t))
 
     def _preserve_base(self, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor,
                        target: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

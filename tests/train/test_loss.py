@@ -66,10 +66,12 @@ def test_noise_is_keyed_by_position_not_batch_layout():
     assert not torch.equal(alone, other_seed)
 
 
-def test_noise_offset_shifts_each_channel_uniformly():
+def test_noise_offset_shifts_each_channel_uniformly_and_keeps_the_timesteps():
     shape = (4, 8, 8)
-    plain, _ = sample_noise_and_timesteps(shape, [0], seed=0, num_train_timesteps=1000)
-    offset, _ = sample_noise_and_timesteps(shape, [0], seed=0, num_train_timesteps=1000, noise_offset=0.1)
+    plain, t_plain = sample_noise_and_timesteps(shape, [0, 1, 2], seed=0, num_train_timesteps=1000)
+    offset, t_offset = sample_noise_and_timesteps(shape, [0, 1, 2], seed=0, num_train_timesteps=1000, noise_offset=0.1)
+    # the offset has its own generator: the same timesteps, and noise that differs only by the offset
+    assert torch.equal(t_plain, t_offset)
     delta = offset - plain
     # the offset is constant over each channel's spatial extent, and not zero
     assert torch.allclose(delta, delta[..., :1, :1].expand_as(delta))

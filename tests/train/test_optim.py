@@ -103,3 +103,48 @@ def test_prodigy_missing_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "prodigyopt" else object())
     (problem,) = optimizer_problems(TrainCfg(optimizer="prodigy"))
     assert "pip install 'loracraft[prodigy]'" in problem
+
+
+@pytest.mark.parametrize(
+    "name, args, expected",
+    [
+        ("adamw", {"betas": [0.9, 0.99], "eps": "1e-7", "amsgrad": True}, {"betas": (0.9, 0.99), "eps": 1e-7, "amsgrad": True}),
+        ("prodigy", {"d_coef": 0.5, "betas": [0.9, 0.99], "use_bias_correction": True},
+         {"d_coef": 0.5, "betas": (0.9, 0.99), "use_bias_correction": True}),
+    ],
+)
+def test_optimizer_args_reach_the_constructor(name, args, expected):
+    if not _available(name):
+        pytest.skip(f"{name} backend not installed")
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = build_optimizer(TrainCfg(optimizer=name, optimizer_args=args), params, LR[name])
+    for key, value in expected.items():
+        assert opt.param_groups[0][key] == value, key
+    assert opt.param_groups[0]["lr"] == LR[name] and opt.param_groups[0]["weight_decay"] == 1e-2
+
+
+@pytest.mark.parametrize(
+    "name, args, expected",
+    [
+        ("adamw", {"beta": [0.9, 0.99]}, "train.optimizer_args.beta is not an argument of adamw, config, did you mean 'betas'?"),
+        ("prodigy", {"d_cof": 2.0}, "train.optimizer_args.d_cof is not an argument of prodigy, config, did you mean 'd_coef'?"),
+        ("adamw", {"lr": 1.0}, "train.optimizer_args.lr is set by loracraft, config, use train.lr instead"),
+    ],
+)
+def test_unknown_optimizer_args_are_one_line_errors_naming_the_key(name, args, expected):
+    if not _available(name):
+        pytest.skip(f"{name} backend not installed")
+    (problem,) = optimizer_problems(TrainCfg(optimizer=name, optimizer_args=args))
+    assert problem.startswith(expected) and "\n" not in problem
+    with pytest.raises(ConfigError, match="optimizer_args"):
+        build_optimizer(TrainCfg(optimizer=name, optimizer_args=args), [torch.nn.Parameter(torch.zeros(2))], 1e-3)
+
+
+def test_out_of_range_optimizer_arg_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"bad train.optimizer_args for adamw \(Invalid beta parameter"):
+        build_optimizer(TrainCfg(optimizer_args={"betas": [1.5, 0.9]}), [torch.nn.Parameter(torch.zeros(2))], 1e-3)
+
+
+def test_unknown_optimizer_arg_is_refused_before_any_weights_load(tiny_sd, tiny_dataset, tmp_path, make_trainer):
+    with pytest.raises(ConfigError, match="optimizer_args.betaz"):
+        make_trainer(tiny_sd, tiny_dataset, tmp_path / "r", setup=False, **{"train.optimizer_args": "{betaz: [0.9, 0.9]}"})
