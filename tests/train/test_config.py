@@ -202,3 +202,41 @@ def test_modest_yaml_aliases_still_work(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: {base: &shared /models/x}\ndata: {path: *shared}\n")
     assert load_config(p).data.path == "/models/x"
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        # tiny SD: attention layers on 32 channels, cross-attention from 32-wide text states
+        (["lora.rank=33"], "lora.rank=33 exceeds 32, the smaller side of the targeted layer"),
+        (["lora.text_encoder={rank: 40}"], "lora.text_encoder.rank=40 exceeds 32"),
+    ],
+)
+def test_rank_above_the_targeted_layers_is_refused_before_injection(
+    over, needle, tiny_sd, tiny_dataset, tmp_path, capsys
+):
+    argv = [
+        "train",
+        QUICKSTART,
+        f"model.base={tiny_sd}",
+        f"data.path={tiny_dataset}",
+        f"output.dir={tmp_path / 'r'}",
+    ]
+    assert main([*argv, "output.report_to=[]", *over]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (no progress bars)
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_rank_limit_is_the_smallest_targeted_side(tiny_sd):
+    from diffusers import UNet2DConditionModel
+
+    from loracraft.train.components import rank_limit
+    from loracraft.train.config import ATTN_TARGETS
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    cfg = unet.config
+    attn_channels = [
+        c for c, kind in zip(cfg.block_out_channels, cfg.down_block_types, strict=True) if "CrossAttn" in kind
+    ]
+    assert rank_limit(unet, ATTN_TARGETS)[0] == min(*attn_channels, cfg.cross_attention_dim)
+    assert rank_limit(unet, ["no_such_layer"]) is None
