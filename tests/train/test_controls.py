@@ -267,3 +267,43 @@ def test_controls_parse_from_the_command_line_and_a_full_dump_revalidates():
     assert cfg.train.huber_c == 0.2 and cfg.train.logit_mean == -0.5
     assert cfg.train.optimizer_args == {"betas": [0.9, 0.99], "eps": 1.0e-7}
     assert build_config(build_config(BASE).dump()).train == TrainCfg()  # every key present, nothing flagged
+
+
+# ----------------------------------------------------------------------------- in training
+CONTROLS = {
+    "model.prediction_type": "v_prediction", "train.zero_terminal_snr": "true",
+    "train.noise_offset": 0.05, "train.adaptive_noise_scale": 0.02, "train.multires_noise_iterations": 3,
+    "train.input_perturbation": 0.1, "train.timestep_sampling": "logit_normal", "train.logit_mean": -0.3,
+    "train.min_timestep": 50, "train.max_timestep": 950, "train.loss_type": "huber", "train.huber_c": 0.2,
+    "train.snr_gamma": 5.0, "train.debiased_estimation": "true", "train.optimizer_args": "{betas: [0.8, 0.95]}",
+}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from loracraft.infer.testing import write_captioned_dataset
+
+    return write_captioned_dataset(tmp_path_factory.mktemp("pair"), n=2, seed=5)
+
+
+def test_controls_resume_exactly_and_change_training(tiny_sd, pair, tmp_path, make_trainer):
+    over = {**CONTROLS, "train.max_steps": 4, "checkpoint.every": 2}
+    a = make_trainer(tiny_sd, pair, tmp_path / "a", **over)
+    assert a.c.noise_scheduler.alphas_cumprod[-1].item() == 0.0  # zero_terminal_snr reached the trainer
+    assert a.optimizer.optimizer.param_groups[0]["betas"] == (0.8, 0.95)
+    a.train()
+    b = make_trainer(tiny_sd, pair, tmp_path / "b", **{**over, "train.max_steps": 2})
+    b.train()
+    b.cleanup()
+    c = make_trainer(
+        tiny_sd, pair, tmp_path / "b",
+        **{**over, "checkpoint.allow_config_change": "true", "checkpoint.resume": str(tmp_path / "b/checkpoints/step-000002")},
+    )
+    assert c.step == 2
+    c.train()
+    for n in a.trainables:
+        assert torch.equal(a.trainables[n], c.trainables[n]), n
+    # the controls are used, not accepted and ignored: without them the same 4 steps train other weights
+    plain = make_trainer(tiny_sd, pair, tmp_path / "plain", **{"train.max_steps": 4, "model.prediction_type": "v_prediction"})
+    plain.train()
+    assert any(not torch.equal(a.trainables[n], plain.trainables[n]) for n in a.trainables)
