@@ -200,7 +200,7 @@ class LoraTrainer:
             report = with_captions(report, self.dreambooth.caption)
         images, skipped = checked_images(report, d.on_error)
         if skipped:
-            files = sorted({f.file for f in skipped})
+            files = sorted({f.shown_file for f in skipped})
             self._print(
                 f"warning: skipped {len(files)} of {report.images} images with errors (data.on_error=skip): "
                 + ", ".join(files)

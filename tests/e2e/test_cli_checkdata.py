@@ -155,3 +155,127 @@ def test_batch_larger_than_dataset(capsys, tmp_path, tiny_sd, tiny_dataset):
     assert (
         code == 2 and "train.batch_size=9" in line and "(8 samples per epoch)" in line and "at most 8" in line
     )
+
+
+# ----------------------------------------------------------------------------- safety findings
+def _png(path: Path, shade: int = 90) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), (shade, 90, 200)).save(path)
+
+
+def _good(root: Path, n: int = 2) -> None:
+    for i in range(n):
+        _png(root / f"good{i}.png", 30 * i)
+        (root / f"good{i}.txt").write_text(f"a good picture {i}")
+
+
+def _linked_caption(root: Path, outside: Path) -> None:
+    _good(root)
+    (outside / "hostname").write_text("secret-host-name")
+    _png(root / "hostname.png")
+    (root / "hostname.txt").symlink_to(outside / "hostname")
+
+
+def _linked_image(root: Path, outside: Path) -> None:
+    _good(root)
+    _png(outside / "elsewhere.png")
+    (root / "linked.png").symlink_to(outside / "elsewhere.png")
+    (root / "linked.txt").write_text("a linked picture")
+
+
+def _metadata(root: Path, rows: list[dict]) -> None:
+    for i in range(2):
+        _png(root / f"good{i}.png", 30 * i)
+    rows = [{"file_name": f"good{i}.png", "text": f"a good picture {i}"} for i in range(2)] + rows
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _dotdot(root: Path, outside: Path) -> None:
+    _png(root.parent / "x.png")
+    _metadata(root, [{"file_name": "../x.png", "text": "up and out"}])
+
+
+def _absolute(root: Path, outside: Path) -> None:
+    _png(outside / "abs.png")
+    _metadata(root, [{"file_name": str(outside / "abs.png"), "text": "anywhere"}])
+
+
+def _number_caption(root: Path, outside: Path) -> None:
+    _png(root / "n.png")
+    _metadata(root, [{"file_name": "n.png", "text": 12345}])
+
+
+def _control_names(root: Path, outside: Path) -> None:
+    _good(root)
+    _png(root / "two\nlines.png", 200)  # no caption: missing-caption, shown escaped
+    _png(root / "red\x1b[31m.png", 220)
+
+
+def _many_bad_lines(root: Path, outside: Path) -> None:
+    _metadata(root, [])
+    with (root / "metadata.jsonl").open("a") as f:
+        f.write('{not json\n[1, 2]\n{"text": "no file"}\n{"file_name": 7, "text": "x"}\n')
+
+
+OUTSIDE_FIX = "copy the file into the dataset folder, or set data.allow_outside_links=true"
+#: (case, builder, the expected finding lines (a {out} placeholder is the outside folder), exit code)
+SAFETY_CASES = [
+    ("caption link", _linked_caption,
+     ["error    hostname.png: caption file hostname.txt is a link to {out}/hostname, outside the dataset "
+      f"folder; {OUTSIDE_FIX} (check-data: --allow-outside-links) if you trust it [outside-link]"], 1),
+    ("image link", _linked_image,
+     ["error    linked.png: image is a link to {out}/elsewhere.png, outside the dataset folder; "
+      f"{OUTSIDE_FIX} (check-data: --allow-outside-links) if you trust it [outside-link]"], 1),
+    ("../ in metadata", _dotdot,
+     ["error    ../x.png: metadata.jsonl line 3 names a relative path to {up}/x.png, outside the dataset "
+      f"folder; {OUTSIDE_FIX} (check-data: --allow-outside-links) if you trust it [outside-path]"], 1),
+    ("absolute path", _absolute,
+     ["error    {out}/abs.png: metadata.jsonl line 3 names an absolute path to {out}/abs.png, outside the "
+      f"dataset folder; {OUTSIDE_FIX} (check-data: --allow-outside-links) if you trust it [outside-path]"], 1),
+    ("number caption", _number_caption,
+     ["error    n.png: its 'text' in metadata.jsonl line 3 is a number (12345), not text; "
+      'write it as a quoted string, e.g. "12345" [caption-not-text]'], 1),
+    ("control characters", _control_names,
+     ["error    red\\x1b[31m.png: image has no caption; add red\\x1b[31m.txt beside it [missing-caption]",
+      "error    two\\nlines.png: image has no caption; add two\\nlines.txt beside it [missing-caption]"], 1),
+    ("every bad metadata line", _many_bad_lines,
+     ["error    metadata.jsonl: line 3 of metadata.jsonl is not JSON (Expecting property name enclosed in "
+      "double quotes); fix that line (one JSON object per line) [bad-metadata]",
+      "error    metadata.jsonl: line 4 of metadata.jsonl is not a JSON object; write one "
+      '{"file_name": ..., "text": ...} object per line [bad-metadata]',
+      "error    metadata.jsonl: line 5 of metadata.jsonl has no file_name; give every row a file_name "
+      "relative to the folder [bad-metadata]",
+      "error    metadata.jsonl: line 6 of metadata.jsonl has a file_name that is not text (7); write it as "
+      'a quoted path, e.g. "0001.png" [bad-metadata]'], 1),
+]
+
+
+@pytest.mark.parametrize("case, build, expected, code", SAFETY_CASES, ids=[c[0] for c in SAFETY_CASES])
+def test_safety_findings_one_line_each(capsys, tmp_path, case, build, expected, code):
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    build(root, outside)
+    before = tree_hashes(tmp_path)
+    got, out, err = run_main(capsys, "check-data", root)
+    assert got == code, out + err
+    findings = [line for line in out.splitlines() if line.startswith(("error ", "warning "))]
+    assert findings == [e.replace("{out}", str(outside)).replace("{up}", str(tmp_path)) for e in expected]
+    assert "secret-host-name" not in out + err  # a link out is reported, never read
+    (line,) = error_lines(err)
+    assert f"{len(expected)} error(s)" in line
+    assert tree_hashes(tmp_path) == before
+
+
+def test_allow_outside_links_reads_them(capsys, tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    _linked_caption(root, outside)
+    before = tree_hashes(tmp_path)
+    code, out, err = run_main(capsys, "check-data", root, "--allow-outside-links")
+    assert code == 0 and error_lines(err) == [] and "outside-link" not in out
+    assert "note: 1 image/caption file(s) outside the dataset folder are read (data.allow_outside_links)" in out
+    assert tree_hashes(tmp_path) == before

@@ -403,3 +403,36 @@ def test_config_errors_do_not_echo_secret_values():
         build_config({"model": {"base": "x", "hub_token": SECRET}, "data": {"path": "d"}})
     text = "\n".join(e.value.problems)
     assert "model.hub_token" in text and SECRET not in text
+
+
+# ----------------------------------------------------------------------------- links out of the folder
+def test_training_refuses_links_out_unless_allowed(tiny_sd, tmp_path):
+    """`hostname.txt -> <elsewhere>/hostname` must not silently become a caption."""
+    from loracraft.infer.testing import write_captioned_dataset
+    from loracraft.train.trainer import LoraTrainer
+
+    data = write_captioned_dataset(tmp_path / "data", n=2, layout="txt")
+    (tmp_path / "hostname").write_text("secret-host-name")
+    (data / "hostname.png").write_bytes((data / "0000.png").read_bytes())
+    (data / "hostname.txt").symlink_to(tmp_path / "hostname")
+    before = tree_hashes(tmp_path)
+
+    def setup_data(*over):
+        _reset_accelerate()
+        trainer = LoraTrainer(_cfg(tiny_sd, data, tmp_path / "run", "train.batch_size=1", *over))
+        trainer.accelerator = trainer._setup_accelerator()
+        return trainer._setup_data()
+
+    with pytest.raises(DataError) as e:
+        setup_data()
+    assert e.value.problems[0] == (
+        f"caption file hostname.txt is a link to {tmp_path / 'hostname'}, outside the dataset folder, "
+        f"{data / 'hostname.png'}, copy the file into the dataset folder, or set data.allow_outside_links=true "
+        "(check-data: --allow-outside-links) if you trust it [outside-link]"
+    )
+    assert "secret-host-name" not in "\n".join(e.value.problems)
+    skipped = setup_data("data.on_error=skip")
+    assert [it.key for it in skipped.items] == ["0000.png", "0001.png"]
+    allowed = setup_data("data.allow_outside_links=true")
+    assert [(it.key, it.caption) for it in allowed.items][-1] == ("hostname.png", "secret-host-name")
+    assert tree_hashes(tmp_path) == before

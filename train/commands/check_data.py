@@ -62,6 +62,7 @@ def _instance_caption_rule(prompt: str, captions: str) -> Callable[[str | None],
 
 def cmd_check_data(args: argparse.Namespace) -> int:
     from loracraft.train.data.check import check_dataset, load_tokenizer, with_captions
+    from loracraft.train.data.sources import printable
 
     if args.resolution is not None and args.resolution <= 0:
         raise UsageError(
@@ -81,7 +82,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     )
     if args.instance_prompt is not None:
         report = with_captions(report, _instance_caption_rule(args.instance_prompt, args.captions))
-    print(f"loracraft check-data: {report.root} ({report.layout}, {report.images} images)")
+    print(f"loracraft check-data: {printable(report.root)} ({report.layout}, {report.images} images)")
     for f in report.findings:
         print(f.line())
     for note in report.notes:
@@ -96,7 +97,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     if not report.trainable:
         files = len({f.file for f in report.errors})
         raise DataError(
-            f"{len(report.errors)} error(s) in {files} file(s) make the dataset untrainable, {report.root}, "
+            f"{len(report.errors)} error(s) in {files} file(s) make the dataset untrainable, {printable(report.root)}, "
             "fix the files listed above (or train with data.on_error=skip to leave them out)"
         )
     print("dataset is trainable" + (f" ({len(report.warnings)} warnings)" if report.warnings else ""))

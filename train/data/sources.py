@@ -452,6 +452,36 @@ def _bad_row(meta: Path, line: int, what: str, fix: str) -> Finding:
     return Finding(meta.name, "bad-metadata", f"line {line} of {meta.name} {what}", fix)
 
 
+def _csv_rows(meta: Path, text: str) -> tuple[list[dict], list[Finding]]:
+    def problem(what: str, fix: str) -> list[Finding]:
+        return [Finding(meta.name, "bad-metadata", what, fix)]
+
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        if "file_name" not in (reader.fieldnames or []):
+            found = one_line(", ".join(reader.fieldnames or []) or "none")
+            return [], problem(
+                f"the header of {meta.name} has no file_name column (columns: {found})",
+                "make the first line a header like file_name,text",
+            )
+        rows = [dict(r, _line=i + 2) for i, r in enumerate(reader)]
+    except csv.Error as e:
+        return [], problem(
+            f"{meta.name} is not valid CSV ({e})", "fix the file (a header line, then one row per image)"
+        )
+    bad = [  # more cells than header names
+        _bad_row(
+            meta,
+            r["_line"],
+            "has more values than the header has columns",
+            "quote values that contain commas",
+        )
+        for r in rows
+        if None in r
+    ]
+    return [r for r in rows if None not in r], bad
+
+
 def read_metadata(meta: Path) -> tuple[list[dict], list[Finding]]:
     """The usable rows of a metadata.jsonl/csv (each with its ``_line``) and one finding per bad line:
     every problem of the file at once, not just the first."""
@@ -464,27 +494,7 @@ def read_metadata(meta: Path) -> tuple[list[dict], list[Finding]]:
     rows: list[dict] = []
     bad: list[Finding] = []
     if meta.suffix == ".csv":
-        try:
-            rows = [dict(r, _line=i + 2) for i, r in enumerate(csv.DictReader(io.StringIO(text)))]
-        except csv.Error as e:
-            return [], [
-                Finding(
-                    meta.name,
-                    "bad-metadata",
-                    f"{meta.name} is not valid CSV ({e})",
-                    "fix the file (a header line with file_name and the caption column)",
-                )
-            ]
-        for r in rows:
-            if None in r:  # more cells than header names
-                bad.append(
-                    _bad_row(
-                        meta,
-                        r["_line"],
-                        "has more values than the header has columns",
-                        "quote values that contain commas",
-                    )
-                )
+        rows, bad = _csv_rows(meta, text)
     else:
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
