@@ -25,6 +25,7 @@ def _quiet_libraries() -> None:
 #: Modules that add their own subcommands: each has ``register(subparsers)``.
 SUBCOMMAND_MODULES = (
     "loracraft.infer.cli",
+    "loracraft.infer.ops.cli",
     "loracraft.train.commands.check_data",
     "loracraft.train.commands.reproduce",
     "loracraft.train.commands.demo",
