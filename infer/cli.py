@@ -72,7 +72,12 @@ def register(subparsers) -> None:
     g.add_argument("--num-images", type=int, help="images per prompt (default 1)")
     g.add_argument("--width", type=int, help="image width (a multiple the model implies; default native)")
     g.add_argument("--height", type=int, help="image height (default native)")
-    g.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULERS)} (default: the model's)")
+    g.add_argument(
+        "--scheduler",
+        metavar="NAME",
+        help=f"one of {', '.join(SCHEDULERS)}, or an A1111 sampler name such as 'DPM++ 2M Karras' "
+        "or 'Euler a' (any case; default: the model's)",
+    )
     g.add_argument("--fuse", action="store_true", help="merge the adapters into the weights (faster)")
     g.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
     g.add_argument(
@@ -150,12 +155,12 @@ def _validate_generate(args) -> list[str]:
         if not Path(path).expanduser().exists():
             problems.append(f"adapter file not found, --lora {path}, check the path")
     if args.scheduler:
-        from loracraft.infer.schedulers import SCHEDULERS
+        from loracraft.infer.schedulers import resolve_scheduler
 
-        if args.scheduler.lower() not in {s.lower() for s in [*SCHEDULERS, *SCHEDULERS.values()]}:
-            problems.append(
-                f"unknown scheduler {args.scheduler!r}, --scheduler, use one of {', '.join(SCHEDULERS)}"
-            )
+        try:
+            resolve_scheduler(args.scheduler)
+        except UsageError as e:
+            problems.extend(e.problems)
     if args.scale_sweep:
         try:
             _parse_sweep(args.scale_sweep)

@@ -45,23 +45,14 @@ __all__ = [
     "regenerate",
 ]
 
-#: Short names accepted by ``--scheduler`` -> diffusers classes.
+#: Short names accepted by ``--scheduler`` -> diffusers classes (A1111 sampler names work too).
 from loracraft.infer.schedulers import SCHEDULERS  # noqa: E402  (light module: the CLI parser reads it)
 
-#: What AUTOMATIC1111 calls the same samplers (its ``Sampler:`` field).
-A1111_SAMPLERS = {
-    "DDIM": "DDIM",
-    "DPMSolverMultistep": "DPM++ 2M",
-    "EulerAncestral": "Euler a",
-    "Euler": "Euler",
-    "LMS": "LMS",
-    "PNDM": "PLMS",
-    "UniPC": "UniPC",
-}
 PNG_PARAMETERS_KEY = "parameters"  # A1111 convention
 PNG_RECORD_KEY = "loracraft"
 RECORD_VERSION = 1
 _SCHED_ATTR = "_loracraft_scheduler_config"
+_SCHED_NAME = "_loracraft_scheduler_name"
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +99,7 @@ class GenerationRecord:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         fields = [
             f"Steps: {self.steps}",
-            f"Sampler: {A1111_SAMPLERS.get(self.scheduler, self.scheduler)}",
+            f"Sampler: {_sampler_label(self.scheduler, self.scheduler_config)}",
             f"CFG scale: {self.guidance:g}",
             f"Seed: {self.seed}",
             f"Size: {self.width}x{self.height}",
@@ -148,11 +139,15 @@ def _versions() -> dict:
 # --------------------------------------------------------------------------------------------
 # Schedulers and sizes
 # --------------------------------------------------------------------------------------------
-def _canonical_scheduler(name: str) -> str:
-    for short, cls in SCHEDULERS.items():
-        if name.lower() in (short.lower(), cls.lower()):
-            return short
-    raise UsageError(f"unknown scheduler {name!r}, --scheduler, use one of {', '.join(SCHEDULERS)}")
+def _sampler_label(name: str, config: dict) -> str:
+    """What A1111 would call the recorded scheduler (its ``Sampler:`` field), else our name."""
+    from loracraft.infer.schedulers import a1111_name, resolve_scheduler
+
+    try:
+        cls = resolve_scheduler(name)[1]
+    except UsageError:
+        cls = name
+    return a1111_name(cls, config or {}) or name
 
 
 def _base_scheduler_config(pipe) -> dict:
@@ -164,8 +159,12 @@ def _base_scheduler_config(pipe) -> dict:
 
 
 def scheduler_name(pipe) -> str:
-    """Short name of the pipeline's current scheduler (class name if not one of :data:`SCHEDULERS`)."""
+    """Name of the pipeline's current scheduler: as set by :func:`set_scheduler`, else the
+    :data:`SCHEDULERS` short name of its class (the class name for others)."""
     cls = type(pipe.scheduler).__name__
+    named = getattr(pipe, _SCHED_NAME, None)
+    if named and named[1] == cls:
+        return named[0]
     for short, full in SCHEDULERS.items():
         if full == cls:
             return short
@@ -176,27 +175,35 @@ def set_scheduler(pipe, name: str, config: dict | None = None) -> str:
     """Replace the scheduler by name, built from the base's original config (or ``config``).
 
     Args:
-        name: a :data:`SCHEDULERS` short name or diffusers class name (case-insensitive).
+        name: a :data:`SCHEDULERS` short name, a diffusers class name or an A1111 sampler name
+            ("DPM++ 2M Karras", "Euler a", ...; any case), see
+            :data:`loracraft.infer.schedulers.A1111_SAMPLERS`.
         config: a full scheduler config (as recorded in a PNG); default the base's own.
 
     Returns:
-        the canonical short name (or the class name for schedulers outside :data:`SCHEDULERS`).
+        the canonical name (or the class name for schedulers outside the tables).
     """
     import diffusers
 
+    from loracraft.infer.schedulers import resolve_scheduler
+
     try:
-        short = _canonical_scheduler(name)
-        cls_name = SCHEDULERS[short]
+        short, cls_name, overrides = resolve_scheduler(name)
     except UsageError:
         # A record may name a scheduler the user set up outside loracraft; accept any diffusers one.
         if not (name.endswith("Scheduler") and isinstance(getattr(diffusers, name, None), type)):
             raise
         short = cls_name = name
+        overrides = {}
     cls = getattr(diffusers, cls_name)
     base_cfg = _base_scheduler_config(pipe)
     # The base config goes in raw, as diffusers' own idiom does: keys it never set keep the new
     # class's defaults. A recorded config is explicit, so it rebuilds exactly what was used.
-    pipe.scheduler = cls.from_config(_explicit_config(config) if config is not None else base_cfg)
+    if config is not None:
+        pipe.scheduler = cls.from_config(_explicit_config(config))
+    else:
+        pipe.scheduler = cls.from_config(base_cfg, **overrides)
+    setattr(pipe, _SCHED_NAME, (short, cls_name))
     return short
 
 
