@@ -13,8 +13,10 @@ class LoracraftError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, problems: list[str] | None = None):
+    def __init__(self, message: str, problems: list[str] | None = None, *, exit_code: int | None = None):
         self.problems = list(problems) if problems else [message]
+        if exit_code is not None:  # a refusal the user lifts with a flag is usage (2), whatever the input
+            self.exit_code = exit_code
         super().__init__(message)
 
 
@@ -28,19 +30,37 @@ class ConfigError(UsageError):
     """A config file or override is invalid (one entry per problem in ``problems``)."""
 
 
+class NotFoundError(UsageError):
+    """A path the user named does not exist: a usage error (exit 2), whatever it was meant to be.
+
+    Every kind of input raises its ``...NotFound`` below for a missing path, so the code does
+    not depend on which input named it.
+    """
+
+
 class ModelError(LoracraftError):
-    """A base model path/id that cannot be loaded as a diffusers model."""
+    """A base model that cannot be loaded as a Stable Diffusion model. Exit code 2."""
 
     exit_code = 2
 
 
 class AdapterError(LoracraftError):
-    """An adapter file that is missing, corrupt, pickled, or does not fit the base."""
+    """An adapter file that is corrupt, pickled, or does not fit the base. Exit code 2."""
 
     exit_code = 2
 
 
 class DataError(LoracraftError):
-    """A dataset that cannot be trained on (missing, empty, unreadable)."""
+    """A dataset that cannot be trained on (empty, unreadable). Exit code 1."""
 
-    exit_code = 1
+
+class ModelNotFound(NotFoundError, ModelError):
+    """``model.base`` / ``--base``: no such folder or file (and not a hub id)."""
+
+
+class AdapterNotFound(NotFoundError, AdapterError):
+    """``--lora`` and friends: no such file or folder."""
+
+
+class DataNotFound(NotFoundError, DataError):
+    """``data.path`` / ``check-data DIR``: no such folder (and not a hub dataset id)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loracraft.infer.errors import ModelError, UsageError
+from loracraft.infer.errors import ModelError, ModelNotFound, UsageError
 from loracraft.infer.formats import LORA_WEIGHT_NAME, PICKLE_SUFFIXES
 
 __all__ = [
@@ -161,7 +161,8 @@ def _load_single_file(path: Path, *, config, dtype, allow_pickle):
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelError(
             f"refusing to load a pickle checkpoint (loading it can run arbitrary code), {path}, "
-            "convert it to .safetensors or pass --allow-pickle if you trust its source"
+            "convert it to .safetensors or pass --allow-pickle if you trust its source",
+            exit_code=2,
         )
     if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
         raise ModelError(
@@ -171,9 +172,12 @@ def _load_single_file(path: Path, *, config, dtype, allow_pickle):
     if config is None:
         raise ModelError(
             f"a single-file checkpoint needs its diffusers config folder (no hub access to fetch it), {path}, "
-            "pass --base-config DIR (a diffusers folder of the same architecture, weights not needed)"
+            "pass --base-config DIR (a diffusers folder of the same architecture, weights not needed)",
+            exit_code=2,
         )
-    config = Path(config)
+    config = Path(config).expanduser()
+    if not config.exists():
+        raise ModelNotFound(f"--base-config folder not found, {config}, check the path")
     if not (config / "model_index.json").is_file():
         raise ModelError(
             f"--base-config is not a diffusers folder (no model_index.json), {config}, pass the config folder "
@@ -265,7 +269,7 @@ def load_base(
         elif _HUB_ID.match(text) and not text.startswith((".", "~")):
             pipe = _load_hub(text, revision=revision, variant=variant, dtype=dtype)
         else:
-            raise ModelError(
+            raise ModelNotFound(
                 f"base model not found, {text}, pass an existing diffusers folder, a .safetensors checkpoint "
                 "or a hub id like runwayml/stable-diffusion-v1-5"
             )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from loracraft.infer.errors import ConfigError, ModelError
+from loracraft.infer.errors import ConfigError, ModelError, ModelNotFound
 
 PICKLE_EXTS = {".ckpt", ".pt", ".pth", ".bin"}
 
@@ -23,7 +23,8 @@ def check_base(base: str) -> None:
         kind = "a pickle checkpoint" if p.suffix.lower() in PICKLE_EXTS else "a single file"
         raise ModelError(
             f"model.base is {kind}, not a diffusers folder, {p}, convert it with diffusers' "
-            "from_single_file(...).save_pretrained(DIR) and point model.base at DIR"
+            "from_single_file(...).save_pretrained(DIR) and point model.base at DIR",
+            exit_code=2,
         )
     if p.exists() and not (p / "model_index.json").is_file():
         raise ModelError(
@@ -31,7 +32,7 @@ def check_base(base: str) -> None:
             "point it at a folder saved with save_pretrained (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     if not p.exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
-        raise ModelError(f"model.base folder not found, {p}, check the path or give a hub id like org/name")
+        raise ModelNotFound(f"model.base folder not found, {p}, check the path or give a hub id like org/name")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Bad input at the command line: one line naming the problem, the DESIGN.md exit code, no traceback.
+"""Bad input at the command line: one line naming the problem, the documented exit code, no traceback.
 
 In-process through ``loracraft.train.cli.main`` (a subprocess costs ~10 s of imports per case); the
 installed entry point itself is exercised by ``test_debug_shows_the_traceback`` and the e2e runs.
@@ -60,7 +60,7 @@ def test_wrong_type(recipe, run):
 
 def test_missing_dataset_dir(recipe, tmp_path, run):
     text = GOOD.replace("@DATA@", str(tmp_path / "no-such-data"))
-    _one_line_error(run("train", recipe(text)), 1, "dataset folder not found", "no-such-data")
+    _one_line_error(run("train", recipe(text)), 2, "dataset folder not found", "no-such-data")
 
 
 def test_dataset_with_zero_images(recipe, tmp_path, run):
@@ -93,3 +93,28 @@ def test_pickle_base_refused(recipe, tmp_path, run):
 def test_debug_shows_the_traceback(tmp_path, cli):
     proc = cli("--debug", "train", tmp_path / "missing.yaml")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "needle"),
+    [
+        # a path the user named that does not exist: 2, whichever input it was
+        (["train", "@RECIPE@", "data.path=@TMP@/no-such-data"], 2, "dataset folder not found"),
+        (["train", "@RECIPE@", "model.base=@TMP@/no-such-model"], 2, "model.base folder not found"),
+        (["check-data", "@TMP@/no-such-data"], 2, "dataset folder not found"),
+        (["generate", "--base", "@TMP@/no-such-model", "--prompt", "x"], 2, "base model not found"),
+        (["generate", "--base", "@BASE@", "--prompt", "x", "--lora", "@TMP@/no.safetensors"], 2, "not found"),
+        (["reproduce", "@TMP@/no-such-run"], 2, "not found"),
+        # one that exists but cannot be used: the dataset is 1
+        (["check-data", "@TMP@/a-file.txt"], 1, "dataset path is a file"),
+        (["train", "@RECIPE@", "data.path=@TMP@/empty"], 1, "empty"),
+    ],
+)
+def test_exit_codes_of_missing_and_bad_paths(argv, code, needle, recipe, tmp_path, tiny_sd, run):
+    (tmp_path / "a-file.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metadata.jsonl").write_text("")
+    subs = {"@RECIPE@": str(recipe(GOOD)), "@TMP@": str(tmp_path), "@BASE@": str(tiny_sd)}
+    for key, value in subs.items():
+        argv = [a.replace(key, value) for a in argv]
+    _one_line_error(run(*argv), code, needle)

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from loracraft.infer.errors import DataError, UsageError
+from loracraft.infer.errors import DataError, DataNotFound, UsageError
 
 
 def register(subparsers) -> None:
@@ -70,7 +70,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         )
     root = Path(args.data_dir).expanduser()
     if not root.exists() and (args.data_dir.startswith((".", "/", "~")) or args.data_dir.count("/") != 1):
-        raise DataError(f"dataset folder not found, {root}, check the path")
+        raise DataNotFound(f"dataset folder not found, {root}, check the path")
     tokenizer = load_tokenizer(args.base) if args.base else None
     report = check_dataset(
         args.data_dir,

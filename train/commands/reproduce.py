@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loracraft.infer.errors import LoracraftError, UsageError
+from loracraft.infer.errors import LoracraftError, NotFoundError, UsageError
 from loracraft.train.config import build_config
 from loracraft.train.manifest import environment, environment_diff, versions
 
@@ -25,6 +25,8 @@ def reproduce(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     manifest_path = run_dir / "run.json"
+    if not run_dir.exists():
+        raise NotFoundError(f"run folder not found, {run_dir}, point reproduce at a finished run directory")
     if not manifest_path.is_file():
         raise UsageError(f"no run.json in {run_dir}, point reproduce at a finished run directory")
     old = json.loads(manifest_path.read_text(encoding="utf-8"))

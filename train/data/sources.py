@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from loracraft.infer.errors import DataError
+from loracraft.infer.errors import DataError, DataNotFound
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 #: Sidecar caption extensions, in the order they are looked for (kohya's default is ``.caption``).
@@ -695,7 +695,7 @@ def read_source(
         raise DataError(f"dataset path is a file, not a folder, {root}, point data.path at the folder")
     if not root.exists():
         if text.startswith((".", "/", "~")) or text.count("/") != 1:
-            raise DataError(f"dataset folder not found, {root}, check data.path")
+            raise DataNotFound(f"dataset folder not found, {root}, check data.path")
         return _read_hf(_load_hub(text), text, image_column, caption_column, "hub")
     if any((root / m).is_file() for m in METADATA_FILES):
         return _read_imagefolder(root, files_under(root), caption_column, allow_outside_links)
