@@ -24,13 +24,34 @@ def fsync_dir(path: str | Path) -> None:
             os.close(fd)
 
 
+def _read_umask() -> int:
+    """The process umask. POSIX can only read it by setting it, so set it back at once; done once,
+    at import, while nothing else writes files (another thread's file created in between would
+    get the temporary mask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask); mkstemp's own is always 0o600."""
+    return 0o666 & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``final``; on success fsync it and rename it over ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        # Files follow the user's umask like any other program's: a shared group folder stays shared.
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
