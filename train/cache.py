@@ -136,8 +136,10 @@ def cache_plan(cfg, sizes: list[tuple[int, int]], targets: list[tuple[int, int]]
         )
         latents = False
     text = t.cache is not False
-    if text and d.shuffle_tags:
-        notes.append("text-embedding cache off: data.shuffle_tags changes captions every step")
+    random_captions = [k for k, on in (("shuffle_tags", d.shuffle_tags), ("tag_dropout", d.tag_dropout > 0)) if on]
+    if text and random_captions:
+        keys = " and ".join(f"data.{k}" for k in random_captions)
+        notes.append(f"text-embedding cache off: {keys} change{'s' * (len(random_captions) == 1)} captions every step")
         text = False
     if text and cfg.lora.text_encoder is not None:
         notes.append("text-embedding cache off: the text encoder trains (lora.text_encoder)")
@@ -181,7 +183,7 @@ def build_caches(plan: CachePlan, planner, components, encode_text, device, buil
         sources["latent_lookup"] = latent_lookup
     if plan.text:
         kind, te_fp = text_fingerprint(components)
-        captions = sorted({images.caption(i) for i in range(len(images))} | {""})
+        captions = sorted({planner.fixed_caption(i) for i in range(len(images))} | {""})
         keys = [entry_key(kind, c, te_fp) for c in captions]
         text_store = TensorCache(plan.root / "text")
 

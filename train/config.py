@@ -61,6 +61,25 @@ class DataCfg(_Section):
     random_flip: bool = False
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability of an empty caption")
     shuffle_tags: bool = False
+    keep_tokens: int = Field(
+        0,
+        ge=0,
+        description="the first N comma-separated tags of each caption stay first and are never dropped by "
+        "shuffle_tags / tag_dropout, e.g. a trigger word (kohya keep_tokens)",
+    )
+    tag_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="drop each tag after the first keep_tokens with this probability, per sample (kohya "
+        "caption_tag_dropout_rate); like shuffle_tags it turns the text-embedding cache off",
+    )
+    caption_prefix: str = Field(
+        "", description="put before every caption, joined with a space, before tags are split (kohya caption_prefix)"
+    )
+    caption_suffix: str = Field(
+        "", description="put after every caption, joined with a space, before tags are split (kohya caption_suffix)"
+    )
     buckets: bool = Field(False, description="aspect-ratio buckets around resolution**2 (kohya style; crops centred)")
     bucket_step: int = Field(64, gt=0, description="bucket sides are multiples of this (pixels)")
     on_error: Literal["fail", "skip"] = Field(

@@ -259,7 +259,9 @@ class DreamBooth:
         """Sample order and per-sample decisions for the class images (square, at data.resolution)."""
         res = self.cfg.data.resolution
         stream = SampleStream(self.class_images.repeats(), seed)
-        return Planner(self.class_images, stream, self.cfg.data, seed, [(res, res)] * len(self.class_images))
+        return Planner(
+            self.class_images, stream, self.cfg.data, seed, [(res, res)] * len(self.class_images), affixes=False
+        )
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
              **loss_options) -> torch.Tensor:

@@ -174,3 +174,91 @@ def test_check_data_and_the_trainer_see_the_same_items(tiny_sd, tmp_path, layout
         if it.path is not None:
             assert images.image_bytes(i) == (root / it.key).read_bytes()
         assert images.image(i).size == (32, 32)
+
+
+# ----------------------------------------------------------------------------- caption controls
+def _captions(n, **controls):
+    from loracraft.train.data import keyed_generator, prepare_caption
+
+    caption = controls.pop("caption", "t0, t1, t2, t3, t4")
+    args = {"dropout": 0.0, "shuffle_tags": False, **controls}
+    return [prepare_caption(caption, keyed_generator(7, p, "caption"), **args) for p in range(n)]
+
+
+def test_caption_prefix_and_suffix_are_joined_with_a_space():
+    assert _captions(1, prefix="sks", suffix="photo") == ["sks t0, t1, t2, t3, t4 photo"]
+    assert _captions(1, caption="", prefix="sks") == ["sks"]
+    # kohya: the prefix is part of the first tag, so keep_tokens=1 keeps "sks t0" in front
+    assert all(c.startswith("sks t0, ") for c in _captions(50, prefix="sks", keep_tokens=1, shuffle_tags=True))
+    assert set(_captions(50, prefix="sks", dropout=0.5)) == {"", "sks t0, t1, t2, t3, t4"}  # dropout drops it all
+
+
+def test_keep_tokens_keeps_the_first_tags_and_shuffles_the_rest_uniformly():
+    import collections
+    import itertools
+
+    got = _captions(600, keep_tokens=2, shuffle_tags=True)
+    assert all(c.startswith("t0, t1, ") for c in got)
+    orders = collections.Counter(c[len("t0, t1, ") :] for c in got)
+    assert set(orders) == {", ".join(p) for p in itertools.permutations(["t2", "t3", "t4"])}
+    assert all(60 <= n <= 140 for n in orders.values()), orders  # 100 each expected; sd ~9
+    assert _captions(5, keep_tokens=2) == ["t0, t1, t2, t3, t4"] * 5  # nothing random: unchanged
+
+
+def test_tag_dropout_drops_each_unkept_tag_with_its_probability():
+    n, p = 2000, 0.25
+    got = [c.split(", ") for c in _captions(n, keep_tokens=1, tag_dropout=p)]
+    assert all(tags[0] == "t0" for tags in got)  # kept tags are never dropped
+    assert all(tags == sorted(tags) for tags in got)  # without shuffle_tags the order stays
+    for tag in ("t1", "t2", "t3", "t4"):
+        share = sum(tag in tags for tags in got) / n
+        assert abs(share - (1 - p)) < 0.04, (tag, share)  # sd ~0.01
+    together = sum({"t1", "t2"} <= set(tags) for tags in got) / n
+    assert abs(together - (1 - p) ** 2) < 0.04  # independent draws per tag
+    assert _captions(3, tag_dropout=1.0, keep_tokens=1) == ["t0"] * 3
+
+
+def test_captions_depend_only_on_seed_and_position():
+    """Exact resume and multi-process runs plan position p alike, whatever was planned before."""
+    from types import SimpleNamespace
+
+    from loracraft.train.data import CaptionedImages, Item, Planner, SampleStream
+
+    cfg = SimpleNamespace(random_flip=True, caption_dropout=0.2, shuffle_tags=True, keep_tokens=1, tag_dropout=0.3,
+                          caption_prefix="sks", caption_suffix="", center_crop=True, buckets=False)
+    images = CaptionedImages([Item(f"a{i}, b{i}, c{i}, d{i}", key=str(i)) for i in range(4)], "test", ".")
+
+    def planner():
+        return Planner(images, SampleStream([1] * 4, seed=3), cfg, 3, [(32, 32)] * 4)
+
+    forward = [planner().plan(p) for p in range(40)]
+    one = planner()
+    backward = [one.plan(p) for p in reversed(range(40))][::-1]
+    assert forward == backward
+    assert len({p.caption for p in forward}) > 10  # the controls really vary the captions
+    assert planner().fixed_caption(2) == "sks a2, b2, c2, d2"
+
+
+def test_random_captions_turn_the_text_cache_off_and_prefixes_cache_correctly(tiny_sd, tmp_path, make_trainer, capsys):
+    data = write_captioned_dataset(tmp_path / "data", n=4)
+    cache = {"train.cache": "true", "train.cache_dir": str(tmp_path / "cache"), "data.center_crop": "true"}
+    shuffled = make_trainer(tiny_sd, data, tmp_path / "shuffled", **cache, **{
+        "data.shuffle_tags": "true", "data.tag_dropout": 0.5, "data.keep_tokens": 1})
+    assert "latent_lookup" in shuffled.sources and "text_lookup" not in shuffled.sources
+    note = "text-embedding cache off: data.shuffle_tags and data.tag_dropout change captions every step"
+    assert note in capsys.readouterr().err
+    batch = next(shuffled.batches)
+    assert "latent_mean" in batch and "text_embeds" not in batch
+    with torch.no_grad():
+        assert torch.isfinite(shuffled.compute_loss(batch))
+
+    losses = {}
+    for mode in ("true", "false"):  # a prefix is fixed: cached text embeddings hold the prefixed captions
+        trainer = make_trainer(tiny_sd, data, tmp_path / f"prefix-{mode}", **{**cache, "train.cache": mode}, **{
+            "data.caption_prefix": "sks", "data.caption_dropout": 0.3})
+        batches = [next(trainer.batches) for _ in range(3)]
+        assert ("text_embeds" in batches[0]) == (mode == "true")
+        assert all(c == "" or c.startswith("sks ") for b in batches for c in b["captions"])
+        with torch.no_grad():
+            losses[mode] = torch.stack([trainer.compute_loss(b) for b in batches])
+    torch.testing.assert_close(losses["true"], losses["false"], rtol=1e-4, atol=1e-5)

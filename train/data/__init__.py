@@ -38,6 +38,7 @@ _STREAM = (
     "make_buckets",
     "positions_for",
     "prepare_caption",
+    "with_affixes",
     "resize_and_crop",
     "size_conditioning",
     "to_tensor",

@@ -190,15 +190,46 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def prepare_caption(caption: str, gen: torch.Generator, dropout: float, shuffle_tags: bool) -> str:
-    """Caption dropout (enables classifier-free guidance) and kohya-style tag shuffling."""
+def with_affixes(caption: str, prefix: str = "", suffix: str = "") -> str:
+    """kohya's ``caption_prefix`` / ``caption_suffix``: joined to the caption with a space."""
+    return " ".join(part for part in (prefix, caption, suffix) if part)
+
+
+def prepare_caption(
+    caption: str,
+    gen: torch.Generator,
+    dropout: float,
+    shuffle_tags: bool,
+    keep_tokens: int = 0,
+    tag_dropout: float = 0.0,
+    prefix: str = "",
+    suffix: str = "",
+) -> str:
+    """One sample's caption, in the order of kohya's ``process_caption``.
+
+    1. ``prefix`` / ``suffix`` are joined on with a space (they are part of the first / last tag);
+    2. caption dropout: with probability ``dropout`` the whole caption is "" (what classifier-free
+       guidance learns the unconditional prediction from);
+    3. the caption is split into comma-separated tags; the first ``keep_tokens`` stay in place;
+    4. with ``shuffle_tags`` the other tags are shuffled (when the caption has a comma);
+    5. each of the other tags is dropped with probability ``tag_dropout``; the rest are joined by ", ".
+
+    Every draw comes from ``gen`` (keyed by run seed and stream position), in this order.
+    """
+    caption = with_affixes(caption, prefix, suffix)
     if dropout > 0 and float(torch.rand((), generator=gen)) < dropout:
         return ""
-    if shuffle_tags and "," in caption:
-        tags = [t.strip() for t in caption.split(",") if t.strip()]
-        perm = torch.randperm(len(tags), generator=gen).tolist()
-        caption = ", ".join(tags[i] for i in perm)
-    return caption
+    shuffle = shuffle_tags and "," in caption
+    if not (shuffle or tag_dropout > 0):
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    if shuffle:
+        rest = [rest[i] for i in torch.randperm(len(rest), generator=gen).tolist()]
+    if tag_dropout > 0:
+        survive = (torch.rand(len(rest), generator=gen) >= tag_dropout).tolist()
+        rest = [t for t, keep in zip(rest, survive, strict=True) if keep]
+    return ", ".join(kept + rest)
 
 
 @dataclass(frozen=True)
@@ -219,8 +250,23 @@ class Planner:
     makes exactly the same flip and caption choices as the pixel path.
     """
 
-    def __init__(self, images: CaptionedImages, stream, cfg_data, seed: int, targets: list[tuple[int, int]]):
+    def __init__(
+        self,
+        images: CaptionedImages,
+        stream,
+        cfg_data,
+        seed: int,
+        targets: list[tuple[int, int]],
+        affixes: bool = True,
+    ):
         self.images, self.stream, self.cfg, self.seed, self.targets = images, stream, cfg_data, seed, targets
+        # data.caption_prefix/suffix belong to the dataset's captions (not e.g. DreamBooth's class prompt).
+        self.prefix = getattr(cfg_data, "caption_prefix", "") if affixes else ""
+        self.suffix = getattr(cfg_data, "caption_suffix", "") if affixes else ""
+
+    def fixed_caption(self, index: int) -> str:
+        """Item ``index``'s caption before any random change: what the text cache encodes."""
+        return with_affixes(self.images.caption(index), self.prefix, self.suffix)
 
     def plan(self, position: int) -> Plan:
         idx = self.stream.item_at(position)
@@ -233,6 +279,10 @@ class Planner:
             keyed_generator(self.seed, position, "caption"),
             self.cfg.caption_dropout,
             self.cfg.shuffle_tags,
+            getattr(self.cfg, "keep_tokens", 0),
+            getattr(self.cfg, "tag_dropout", 0.0),
+            self.prefix,
+            self.suffix,
         )
         return Plan(position, idx, flip, caption, self.targets[idx])
 
