@@ -104,8 +104,11 @@ class TensorCache:
 class CachePlan:
     """What to cache for a run, and why not the rest (messages shown to the user)."""
 
-    def __init__(self, latents: bool, text: bool, notes: list[str], root: Path, flips: tuple[bool, ...]):
+    def __init__(self, latents: bool, text: bool, notes: list[str], root: Path, flips: tuple[bool, ...],
+                 text_variant: tuple = ()):
         self.latents, self.text, self.notes, self.root, self.flips = latents, text, notes, root, flips
+        #: extra parts of every text entry's key: how the prompt was encoded (model.clip_skip)
+        self.text_variant = text_variant
 
 
 def needs_random_crop(size: tuple[int, int], target: tuple[int, int]) -> bool:
@@ -146,7 +149,8 @@ def cache_plan(cfg, sizes: list[tuple[int, int]], targets: list[tuple[int, int]]
         text = False
     root = Path(t.cache_dir) if t.cache_dir else default_cache_dir()
     flips = (False, True) if d.random_flip else (False,)
-    return CachePlan(latents, text, notes, root, flips)
+    variant = ("clip_skip", cfg.model.clip_skip) if cfg.model.clip_skip else ()
+    return CachePlan(latents, text, notes, root, flips, variant)
 
 
 def build_caches(plan: CachePlan, planner, components, encode_text, device, build: bool = True,
@@ -184,7 +188,7 @@ def build_caches(plan: CachePlan, planner, components, encode_text, device, buil
     if plan.text:
         kind, te_fp = text_fingerprint(components)
         captions = sorted({planner.fixed_caption(i) for i in range(len(images))} | {""})
-        keys = [entry_key(kind, c, te_fp) for c in captions]
+        keys = [entry_key(kind, c, te_fp, *plan.text_variant) for c in captions]
         text_store = TensorCache(plan.root / "text")
 
         @torch.no_grad()

@@ -14,10 +14,13 @@ target size) of each sample, taken from the data pipeline's resize/crop bookkeep
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from loracraft.infer.errors import ConfigError
 
 TextEmbeds = dict[str, torch.Tensor]
 
@@ -30,22 +33,49 @@ def _token_ids(tokenizer, captions: Sequence[str], device) -> torch.Tensor:
     return ids.to(device)
 
 
-def encode_prompt_sd(tokenizers, text_encoders, captions: Sequence[str], device) -> TextEmbeds:
-    """SD1.x/2.x: the text encoder's last hidden state (``{"text_embeds": (B, 77, D)}``)."""
-    return {"text_embeds": text_encoders[0](_token_ids(tokenizers[0], captions, device))[0]}
+def _layer_back(out, back: int, clip_skip: int | None) -> torch.Tensor:
+    """``hidden_states[-(back + 1)]``: the output ``back`` layers before the last."""
+    layers = len(out.hidden_states) - 1  # hidden_states[0] is the token embedding, before any layer
+    if back >= layers:
+        raise ConfigError(
+            f"model.clip_skip={clip_skip} skips every layer of a {layers}-layer text encoder, config, "
+            f"use at most {clip_skip - (back - layers) - 1}"
+        )
+    return out.hidden_states[-(back + 1)]
 
 
-def encode_prompt_sdxl(tokenizers, text_encoders, captions: Sequence[str], device) -> TextEmbeds:
+def encode_prompt_sd(
+    tokenizers, text_encoders, captions: Sequence[str], device, clip_skip: int | None = None
+) -> TextEmbeds:
+    """SD1.x/2.x: the text encoder's last hidden state (``{"text_embeds": (B, 77, D)}``).
+
+    With ``clip_skip`` = k, the hidden state k layers before the last, through the encoder's
+    final layer norm, as diffusers' ``StableDiffusionPipeline.encode_prompt(clip_skip=k)`` and
+    kohya's ``--clip_skip k+1`` (A1111's "Clip skip" k+1) compute it.
+    """
+    encoder, ids = text_encoders[0], _token_ids(tokenizers[0], captions, device)
+    if not clip_skip:
+        return {"text_embeds": encoder(ids)[0]}
+    hidden = _layer_back(encoder(ids, output_hidden_states=True), clip_skip, clip_skip)
+    # transformers < 5 nests the layers in ``encoder.text_model``; 5 puts them on the encoder itself
+    return {"text_embeds": getattr(encoder, "text_model", encoder).final_layer_norm(hidden)}
+
+
+def encode_prompt_sdxl(
+    tokenizers, text_encoders, captions: Sequence[str], device, clip_skip: int | None = None
+) -> TextEmbeds:
     """SDXL: ``text_embeds`` = concat of both encoders' penultimate hidden states (B, 77, D1 + D2);
     ``pooled_text_embeds`` = ``text_encoder_2``'s projected pooled output (B, P).
 
     The penultimate layer is what SDXL was trained on (and what ``StableDiffusionXLPipeline``
     feeds at inference), so the adapter learns against the same features it will see there.
+    ``clip_skip`` = k goes k layers further back, without a layer norm, as diffusers'
+    ``StableDiffusionXLPipeline.encode_prompt(clip_skip=k)`` does (``hidden_states[-(k + 2)]``).
     """
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
         out = encoder(_token_ids(tokenizer, captions, device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
+        hidden.append(_layer_back(out, 1 + (clip_skip or 0), clip_skip))
         pooled = getattr(out, "text_embeds", None)  # only CLIPTextModelWithProjection has it
     if pooled is None:
         raise TypeError("SDXL's second text encoder must be a CLIPTextModelWithProjection (no text_embeds output)")
@@ -88,9 +118,13 @@ CONDITIONINGS = {
 }
 
 
-def conditioning_for(family: str) -> Conditioning:
-    """The :class:`Conditioning` of ``"sd"`` or ``"sdxl"``."""
-    return CONDITIONINGS[family]
+def conditioning_for(family: str, clip_skip: int | None = None) -> Conditioning:
+    """The :class:`Conditioning` of ``"sd"`` or ``"sdxl"``, its prompts encoded ``clip_skip``
+    layers before the usual one (``model.clip_skip``; None or 0 = the family's own layer)."""
+    cond = CONDITIONINGS[family]
+    if not clip_skip:
+        return cond
+    return replace(cond, encode_prompt=functools.partial(cond.encode_prompt, clip_skip=clip_skip))
 
 
 __all__ = [

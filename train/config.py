@@ -48,6 +48,11 @@ class ModelCfg(_Section):
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="override the scheduler's prediction type"
     )
+    clip_skip: int | None = Field(
+        None, ge=0, description="train on the text encoder's output this many layers before the usual one "
+        "(diffusers' clip_skip: 1 = penultimate layer on SD1/2, = A1111/kohya 'clip skip 2'); generate with the "
+        "same clip_skip. null/0 = off",
+    )
 
 
 class DataCfg(_Section):

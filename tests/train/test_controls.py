@@ -6,7 +6,6 @@ from statistics import NormalDist
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from loracraft.infer.errors import ConfigError

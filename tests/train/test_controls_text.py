@@ -1,0 +1,83 @@
+"""model.clip_skip: prompts encoded like diffusers' pipelines encode them with clip_skip=k,
+the text cache keyed by it, and too large a value refused in one line."""
+
+import pytest
+import torch
+
+from loracraft.infer.errors import ConfigError
+from loracraft.train.conditioning import conditioning_for
+
+CAPTIONS = ["a red cube on a table", "lcstyle, two blue spheres"]
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+
+
+@pytest.fixture
+def diffusers_layer_norm_path(sd_pipe):
+    """diffusers' SD encode_prompt(clip_skip=) reads ``text_encoder.text_model.final_layer_norm``,
+    a path transformers 5 no longer has (the layers sit on the encoder itself): point it there,
+    outside torch's module registry so nothing else sees a cycle."""
+    te = sd_pipe.text_encoder
+    if hasattr(te, "text_model"):
+        yield
+        return
+    te.__dict__["text_model"] = te
+    yield
+    del te.__dict__["text_model"]
+
+
+@pytest.mark.parametrize("clip_skip", [None, 1])
+def test_sd_clip_skip_equals_diffusers_encode_prompt(sd_pipe, clip_skip, diffusers_layer_norm_path):
+    with torch.no_grad():
+        expected, _ = sd_pipe.encode_prompt(CAPTIONS, "cpu", 1, False, clip_skip=clip_skip)
+        got = conditioning_for("sd", clip_skip).encode_prompt([sd_pipe.tokenizer], [sd_pipe.text_encoder], CAPTIONS, "cpu")
+    torch.testing.assert_close(got["text_embeds"], expected, rtol=0, atol=0)
+    if clip_skip:  # and it is not the plain last layer
+        with torch.no_grad():
+            plain = conditioning_for("sd").encode_prompt([sd_pipe.tokenizer], [sd_pipe.text_encoder], CAPTIONS, "cpu")
+        assert not torch.allclose(plain["text_embeds"], got["text_embeds"])
+
+
+def test_sdxl_clip_skip_equals_diffusers_encode_prompt(sdxl_pipe):
+    p = sdxl_pipe
+    with torch.no_grad():
+        embeds, _, pooled, _ = p.encode_prompt(CAPTIONS, device="cpu", do_classifier_free_guidance=False, clip_skip=1)
+        got = conditioning_for("sdxl", 1).encode_prompt(
+            [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2], CAPTIONS, "cpu"
+        )
+    torch.testing.assert_close(got["text_embeds"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(got["pooled_text_embeds"], pooled, rtol=0, atol=0)
+
+
+def test_clip_skip_past_the_first_layer_is_a_config_error(sd_pipe):
+    layers = sd_pipe.text_encoder.config.num_hidden_layers
+    with pytest.raises(ConfigError) as e, torch.no_grad():
+        conditioning_for("sd", layers).encode_prompt([sd_pipe.tokenizer], [sd_pipe.text_encoder], CAPTIONS, "cpu")
+    assert f"model.clip_skip={layers} skips every layer" in str(e.value) and f"use at most {layers - 1}" in str(e.value)
+
+
+def test_clip_skip_keys_the_text_cache(tiny_sd, tiny_dataset, sd_pipe, tmp_path, make_trainer):
+    """Cached embeddings of one clip_skip are never read for another: each equals its own encoding."""
+    over = {"train.cache_dir": str(tmp_path / "cache"), "train.max_steps": 1}
+    for i, clip_skip in enumerate((None, 1, None)):  # plain entries first, then clip_skip's, then plain again
+        extra = {"model.clip_skip": clip_skip} if clip_skip else {}
+        trainer = make_trainer(tiny_sd, tiny_dataset, tmp_path / f"run{i}", **over, **extra)
+        batch = next(trainer.batches)
+        assert "text_embeds" in batch  # from the cache
+        with torch.no_grad():
+            expected = conditioning_for("sd", clip_skip).encode_prompt(
+                [sd_pipe.tokenizer], [sd_pipe.text_encoder], batch["captions"], "cpu"
+            )["text_embeds"]
+        torch.testing.assert_close(batch["text_embeds"], expected.to(batch["text_embeds"].dtype))
