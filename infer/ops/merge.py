@@ -275,7 +275,7 @@ def merge_into_base(
     ]
     pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=[x.name for x in loaded])
     pipe.unload_lora_weights()
-    pipe.to(save_dtype)
+    _cast(pipe, save_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -287,6 +287,19 @@ def merge_into_base(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _cast(pipe, dtype: torch.dtype) -> None:
+    """Cast after fusing in float32; diffusers warns that ``to()`` ignores ``_keep_in_fp32_modules``, which
+    Stable Diffusion's UNet, VAE and text encoders leave empty."""
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(before)
 
 
 def _stored_dtype(base: str | Path) -> torch.dtype:

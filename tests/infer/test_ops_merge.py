@@ -118,6 +118,20 @@ def test_merged_file_in_plain_diffusers_acts_as_the_weighted_inputs(tiny_sd, lor
     inputs = _unet_out(_diffusers_pipe(tiny_sd, [(a, W_A), (unet_only_b, W_B)]))
     merged = _unet_out(_diffusers_pipe(tiny_sd, [(path, 1.0)]))
     torch.testing.assert_close(merged, inputs, rtol=1e-5, atol=1e-5)
+    images = tmp_path / "images"
+    argv = [
+        "generate",
+        "--base",
+        str(tiny_sd),
+        "--lora",
+        str(path),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "2",
+    ]
+    assert main([*argv, "--seed", "1", "--out", str(images)]) == 0
+    assert len(list(images.glob("*.png"))) == 1
 
 
 def test_merge_into_base_equals_fusing_in_diffusers(tiny_sd, lora_dir, unet_only_b, tmp_path, capsys):

@@ -33,6 +33,29 @@ def test_resize_to_full_rank_reproduces_every_delta(lora_dir, tmp_path):
     assert all(r.kept_fro == pytest.approx(1.0) for r in reports)
 
 
+def test_resized_file_loads_in_plain_diffusers_and_generates(tiny_sd, lora_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from loracraft.infer.formats import LORA_WEIGHT_NAME
+
+    def unet_out(weights_dir):
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), torch_dtype=torch.float32)
+        pipe.load_lora_weights(str(weights_dir), weight_name=LORA_WEIGHT_NAME, adapter_name="x")
+        g = torch.Generator().manual_seed(0)
+        sample, hidden = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 32, generator=g)
+        with torch.no_grad():
+            return pipe.unet(sample, 10, encoder_hidden_states=hidden).sample
+
+    out = tmp_path / "full"
+    resize_file(lora_dir, out, rank=8)  # a folder: the diffusers file name inside
+    torch.testing.assert_close(unet_out(out), unet_out(lora_dir), rtol=1e-5, atol=1e-5)
+    small, _ = resize_file(lora_dir, tmp_path / "small.safetensors", dynamic="sv_fro", param=0.9)
+    images = tmp_path / "images"
+    argv = ["generate", "--base", str(tiny_sd), "--lora", f"{small}:0.8", "--prompt", "a red circle"]
+    assert main([*argv, "--steps", "2", "--seed", "1", "--out", str(images)]) == 0
+    assert len(list(images.glob("*.png"))) == 1
+
+
 def test_sv_fro_keeps_at_least_the_fraction_with_the_fewest_singular_values(lora_dir, tmp_path):
     src = read_lora(lora_dir)
     path, reports = resize_file(lora_dir, tmp_path / "r.safetensors", dynamic="sv_fro", param=0.9)
