@@ -22,6 +22,7 @@ record adapter paths, scales and hashes.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -45,6 +46,8 @@ from loracraft.infer.formats.lycoris import is_lycoris_file
 __all__ = [
     "LoadedAdapter",
     "parse_lora_arg",
+    "parse_lora_spec",
+    "parse_block_weights",
     "load_adapter",
     "load_adapters",
     "loaded_adapters",
@@ -73,6 +76,10 @@ class LoadedAdapter:
     format: str
     components: tuple[str, ...]
     num_modules: int
+    #: text-encoder weight when it differs from ``scale`` (``--lora PATH:UNET:TE``, ``<lora:N:TE:UNET>``).
+    text_encoder_scale: float | None = None
+    #: UNet block weights multiplying ``scale``: ``{"down": w, "mid": w, "up": w, "down.1": w, ...}``.
+    blocks: dict[str, float] | None = None
 
     def record(self) -> dict:
         d = asdict(self)
@@ -99,6 +106,68 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+
+
+def parse_lora_spec(text: str) -> tuple[str, float, float | None]:
+    """Split ``PATH[:UNET[:TE]]``: up to two trailing numbers, the UNet weight first.
+
+    >>> parse_lora_spec("style.safetensors:0.8:0.4")
+    ('style.safetensors', 0.8, 0.4)
+    >>> parse_lora_spec("C:/loras/style.safetensors:0.7")
+    ('C:/loras/style.safetensors', 0.7, None)
+    """
+    head, numbers = text, []
+    for _ in range(2):
+        path, sep, tail = head.rpartition(":")
+        try:
+            value = float(tail) if sep and path else None
+        except ValueError:
+            value = None
+        if value is None:
+            break
+        if not math.isfinite(value):
+            raise UsageError(f"weight {tail!r} is not a finite number, --lora {text}, use e.g. PATH:0.8")
+        numbers.insert(0, value)
+        head = path
+    return head, (numbers[0] if numbers else 1.0), (numbers[1] if len(numbers) > 1 else None)
+
+
+_BLOCK_KEY = re.compile(r"^(down|mid|up)(\.\d+)?$")
+
+
+def parse_block_weights(text: str) -> tuple[str | None, dict[str, float]]:
+    """Read ``[NAME:]down=W,mid=W,up=W`` (``down.1=W`` targets one block) -> (name, weights).
+
+    >>> parse_block_weights("style:down=0,up=1.2")
+    ('style', {'down': 0.0, 'up': 1.2})
+    """
+    name, sep, body = text.rpartition(":") if ":" in text.split("=", 1)[0] else ("", "", text)
+    weights: dict[str, float] = {}
+    for item in (x.strip() for x in body.split(",") if x.strip()):
+        key, eq, value = item.partition("=")
+        try:
+            w = float(value) if eq else math.nan
+        except ValueError:
+            w = math.nan
+        if not _BLOCK_KEY.match(key.strip()) or not math.isfinite(w):
+            raise UsageError(
+                f"cannot read block weight {item!r}, --lora-blocks {text}, write e.g. NAME:down=0,mid=1,up=0.5"
+            )
+        weights[key.strip()] = w
+    if not weights:
+        raise UsageError(f"no block weights given, --lora-blocks {text}, write e.g. NAME:down=0,mid=1,up=0.5")
+    return (name or None), weights
+
+
+def _block_factor(blocks: dict[str, float], path: str) -> float:
+    """The block weight for a UNet module path (the most specific key wins; others 1)."""
+    m = re.match(r"^(down|up)_blocks\.(\d+)\.|^(mid)_block\.", path)
+    if not m:
+        return 1.0  # conv_in, time embedding, conv_out: outside the down/mid/up blocks
+    if m.group(3):
+        return blocks.get("mid", 1.0)
+    part, index = m.group(1), m.group(2)
+    return blocks.get(f"{part}.{index}", blocks.get(part, 1.0))
 
 
 def _default_name(path: Path, taken: set[str]) -> str:
@@ -163,7 +232,9 @@ def _check_family(pipe, adapter: LoraAdapter, where: str) -> None:
     base = model_family(pipe)
     if made_for is not None and made_for != base:
         example = (
-            "stabilityai/stable-diffusion-xl-base-1.0" if made_for == "sdxl" else "runwayml/stable-diffusion-v1-5"
+            "stabilityai/stable-diffusion-xl-base-1.0"
+            if made_for == "sdxl"
+            else "runwayml/stable-diffusion-v1-5"
         )
         raise AdapterError(
             f"{_FAMILY_NAMES[made_for]} adapter ({why}) on an {_FAMILY_NAMES[base]} base, {where}, "
@@ -351,6 +422,8 @@ def load_adapter(
     scale: float = 1.0,
     allow_pickle: bool = False,
     activate: bool = True,
+    text_encoder_scale: float | None = None,
+    blocks: dict[str, float] | None = None,
 ) -> LoadedAdapter:
     """Load one LoRA file (diffusers or kohya layout) or LoHa/LoKr file (kohya/LyCORIS layout, via
     :mod:`loracraft.infer.formats.lycoris`) onto ``pipe`` under ``name``.
@@ -360,6 +433,8 @@ def load_adapter(
         path: adapter file or folder.
         name: adapter name (default: derived from the file name, made unique).
         scale: its weight in :func:`set_scales` (1.0 = as trained).
+        text_encoder_scale: a different weight for its text-encoder part (``None``: ``scale``).
+        blocks: UNet block weights multiplying ``scale`` (see :func:`parse_block_weights`).
         allow_pickle: permit ``.ckpt/.pt/.bin`` files.
         activate: apply the scales of all loaded adapters right away.
 
@@ -377,7 +452,11 @@ def load_adapter(
     if name in reg:
         raise UsageError(f"adapter name {name!r} is already loaded, {file}, pick another name")
     if is_lycoris_file(file):
-        return _load_lycoris(pipe, file, name, scale, activate)
+        loaded = _load_lycoris(pipe, file, name, scale, activate=False)
+        loaded.text_encoder_scale, loaded.blocks = text_encoder_scale, blocks
+        if activate:
+            set_scales(pipe)
+        return loaded
     layers = getattr(getattr(pipe, "unet", None), "config", {}).get("layers_per_block", 2)
     adapter = read_lora(
         file,
@@ -406,6 +485,8 @@ def load_adapter(
         format=adapter.source_format,
         components=tuple(adapter.modules),
         num_modules=adapter.num_modules,
+        text_encoder_scale=None if text_encoder_scale is None else float(text_encoder_scale),
+        blocks=dict(blocks) if blocks else None,
     )
     reg[name] = loaded
     if activate:
@@ -419,8 +500,13 @@ def _load_lycoris(pipe, file: Path, name: str, scale: float, activate: bool) -> 
 
     adapter = load_lycoris(pipe, file, name)
     loaded = LoadedAdapter(
-        name=name, path=file.resolve(), scale=float(scale), sha256=file_sha256(file),
-        format=f"lycoris-{adapter.kind}", components=("unet",), num_modules=len(adapter.modules),
+        name=name,
+        path=file.resolve(),
+        scale=float(scale),
+        sha256=file_sha256(file),
+        format=f"lycoris-{adapter.kind}",
+        components=("unet",),
+        num_modules=len(adapter.modules),
     )
     _registry(pipe)[name] = loaded
     if activate:
@@ -434,17 +520,22 @@ def load_adapters(
     *,
     allow_pickle: bool = False,
 ) -> list[LoadedAdapter]:
-    """Load several adapters; each spec is a path, ``"PATH:SCALE"``, or ``(path, scale)``.
+    """Load several adapters; each spec is a path, ``"PATH:UNET[:TE]"``, ``(path, scale)`` or
+    ``(path, unet, te)``.
 
     All are loaded (and checked) before scales are applied; the first failing file aborts.
     """
     out = []
     for spec in specs:
         if isinstance(spec, tuple):
-            path, scale = spec
+            path, scale, te = (*spec, None)[:3]
         else:
-            path, scale = parse_lora_arg(str(spec))
-        out.append(load_adapter(pipe, path, scale=scale, allow_pickle=allow_pickle, activate=False))
+            path, scale, te = parse_lora_spec(str(spec))
+        out.append(
+            load_adapter(
+                pipe, path, scale=scale, allow_pickle=allow_pickle, activate=False, text_encoder_scale=te
+            )
+        )
     set_scales(pipe)
     return out
 
@@ -486,11 +577,37 @@ def set_scales(pipe, scales: dict[str, float] | Sequence[float] | None = None) -
         present = [n for n in reg if n in (getattr(model, "peft_config", None) or {})]
         if not present:
             continue
-        weights = [reg[n].scale for n in present]
+        if component == "unet":
+            weights = [reg[n].scale for n in present]
+        else:
+            weights = [
+                reg[n].scale if reg[n].text_encoder_scale is None else reg[n].text_encoder_scale
+                for n in present
+            ]
         if isinstance(model, ModelMixin):
             model.set_adapters(present, weights)
         else:
             set_adapters_for_text_encoder(present, model, weights)
+        if component == "unet":
+            _apply_blocks(model, [reg[n] for n in present if reg[n].blocks])
+
+
+def _apply_blocks(unet: torch.nn.Module, adapters: list[LoadedAdapter]) -> None:
+    """Per-block weights through peft's own ``set_scale`` on every adapter layer.
+
+    diffusers' block-scale dicts reach only attention blocks (its other layers fall back to
+    weight 1, ignoring the adapter's scale), so conv/resnet LoRA layers would escape them.
+    """
+    if not adapters:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for path, module in unet.named_modules():
+        if not isinstance(module, BaseTunerLayer) or not hasattr(module, "set_scale"):
+            continue
+        for a in adapters:
+            if a.name in getattr(module, "scaling", {}) or a.name in getattr(module, "active_adapters", []):
+                module.set_scale(a.name, a.scale * _block_factor(a.blocks, path))
 
 
 def is_fused(pipe) -> bool:

@@ -80,6 +80,7 @@ class GenerationRecord:
     scheduler_config: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     version: int = RECORD_VERSION
+    clip_skip: int = 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=str)
@@ -91,9 +92,7 @@ class GenerationRecord:
 
     def a1111_parameters(self) -> str:
         """The A1111 ``parameters`` text: prompt (with ``<lora:name:scale>`` tags), negative, settings."""
-        tags = "".join(
-            f" <lora:{a['name']}:{a['scale'] if a['scale'] is not None else 1:g}>" for a in self.adapters
-        )
+        tags = "".join(f" {_lora_tag(a)}" for a in self.adapters)
         lines = [self.prompt + tags]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -105,6 +104,8 @@ class GenerationRecord:
             f"Size: {self.width}x{self.height}",
             f"Model: {Path(str(self.base.get('base', 'unknown'))).name}",
         ]
+        if self.clip_skip != 1:
+            fields.append(f"Clip skip: {self.clip_skip}")
         if self.strength is not None:
             fields.append(f"Denoising strength: {self.strength:g}")
         if self.adapters:
@@ -113,6 +114,15 @@ class GenerationRecord:
         fields.append(f"Version: loracraft {self.versions.get('loracraft', '')}".rstrip())
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+
+def _lora_tag(a: dict) -> str:
+    """A1111's tag for a recorded adapter: ``<lora:NAME:W>``, or ``<lora:NAME:TE:UNET>`` when they differ."""
+    unet = a.get("scale") if a.get("scale") is not None else 1
+    te = a.get("text_encoder_scale")
+    if te is None or te == unet:
+        return f"<lora:{a['name']}:{unet:g}>"
+    return f"<lora:{a['name']}:{te:g}:{unet:g}>"
 
 
 @dataclass
@@ -395,6 +405,20 @@ def _validate(steps, guidance, num_images_per_prompt, strength, mask_image, init
         )
 
 
+def _text_kwargs(pipe, prompt: str, negative: str | None, clip_skip: int) -> dict:
+    """The pipeline's text inputs as embeddings, so A1111 syntax and long prompts reach it.
+
+    For a plain prompt of up to 75 tokens these equal what the pipeline computes itself.
+    """
+    from loracraft.infer.denoise import encode_prompts, is_sdxl
+
+    cond, uncond = encode_prompts(pipe, prompt, negative, clip_skip=clip_skip)
+    kwargs = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds}
+    if is_sdxl(pipe):
+        kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+    return kwargs
+
+
 def _adapter_records(pipe) -> tuple[list[dict], bool]:
     """Loaded adapters for the record, plus any attached behind loracraft's back (e.g. a plain
     ``pipe.load_lora_weights``): those are recorded without a file, so regeneration refuses
@@ -428,6 +452,7 @@ def generate(
     init_image: str | Path | Image.Image | None = None,
     mask_image: str | Path | Image.Image | None = None,
     strength: float = 0.75,
+    clip_skip: int = 1,
 ) -> list[GeneratedImage]:
     """Generate images with the pipeline's current adapters and scales.
 
@@ -449,6 +474,10 @@ def generate(
             ``width x height`` when those are given.
         mask_image: white = repaint, black = keep.
         strength: how much of ``init_image`` to replace (0-1].
+        clip_skip: CLIP layer to condition on, counted from the end (1 = last; A1111/kohya counting).
+
+    Prompts use A1111 syntax (``(word:1.2)``, ``[word]``, ``BREAK``, any length), encoded by
+    :func:`loracraft.infer.denoise.encode_prompts`; ``<lora:...>`` tags are resolved by the CLI.
 
     Returns:
         one :class:`GeneratedImage` per image, each with its own record.
@@ -494,8 +523,7 @@ def generate(
         p, n = prompts[i // num_images_per_prompt], negatives[i // num_images_per_prompt]
         gen = torch.Generator(device="cpu").manual_seed(seeds[i])
         kwargs = dict(
-            prompt=p,
-            negative_prompt=n,
+            **_text_kwargs(run, p, n, int(clip_skip)),
             num_inference_steps=int(steps),
             guidance_scale=float(guidance),
             generator=gen,
@@ -526,6 +554,7 @@ def generate(
             mask_image=mask_rec,
             scheduler_config=sched_cfg,
             versions=versions,
+            clip_skip=int(clip_skip),
         )
         out.append(GeneratedImage(image, record))
     return out
@@ -639,6 +668,8 @@ def regenerate(
             scale=float(a["scale"]),
             allow_pickle=allow_pickle,
             activate=False,
+            text_encoder_scale=a.get("text_encoder_scale"),
+            blocks=a.get("blocks"),
         )
     if rec.adapters:
         A.set_scales(pipe)
@@ -657,5 +688,6 @@ def regenerate(
         init_image=rec.init_image["path"] if rec.init_image else None,
         mask_image=rec.mask_image["path"] if rec.mask_image else None,
         strength=rec.strength if rec.strength is not None else 0.75,
+        clip_skip=rec.clip_skip,
     )
     return images[0]
