@@ -77,6 +77,7 @@ def register(subparsers) -> None:
         "--min-diff", type=float, default=0.0, help="skip layers whose max |change| is <= this (default 0)"
     )
     e.add_argument("--base-config", metavar="DIR", help="diffusers config folder for single-file models")
+    e.add_argument("--device", default="cpu", help="torch device for the SVDs (default cpu; cuda is faster)")
     e.add_argument("--out", required=True, help="output .safetensors file or folder")
     e.add_argument("--to", choices=_FORMATS, default="diffusers", help="output layout (default diffusers)")
     e.add_argument("--quiet", action="store_true", help="print only the summary line")
@@ -156,6 +157,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         to=args.to,
         min_diff=args.min_diff,
         base_config=args.base_config,
+        device=args.device,
     )
     _print_reports(result.reports, args.quiet)
     for component, n in sorted(result.unchanged.items()):

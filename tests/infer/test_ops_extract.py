@@ -129,6 +129,19 @@ def test_base_plus_extracted_lora_in_plain_diffusers_equals_the_tuned_unet(tiny_
     assert len(list(gen.glob("*.png"))) == 1
 
 
+def test_single_file_tuned_model_gives_the_same_lora(tiny_sd, tuned, tmp_path):
+    import ldm_checkpoint  # tests/fixtures
+
+    folder, _ = tuned
+    single = ldm_checkpoint.write_ldm_checkpoint(folder, tmp_path / "tuned.safetensors")
+    from_folder = extract_lora(tiny_sd, folder, rank=2, progress=False).adapter
+    from_file = extract_lora(tiny_sd, single, rank=2, base_config=tiny_sd, progress=False).adapter
+    assert {(c, n) for c, n, _ in from_file.items()} == {(c, n) for c, n, _ in from_folder.items()}
+    for component, name, mod in from_folder.items():
+        other = from_file.modules[component][name]
+        torch.testing.assert_close(lora_delta(other), lora_delta(mod), rtol=1e-5, atol=1e-7)
+
+
 def test_kohya_output_reads_back_with_the_same_deltas(tiny_sd, tuned, tmp_path):
     folder, deltas = tuned
     out = tmp_path / "k.safetensors"
@@ -149,6 +162,7 @@ def test_refusals(tiny_sd, tiny_sdxl, tmp_path, capsys):
         return err
 
     assert "sd but the tuned model is sdxl" in refused("--base", tiny_sd, "--tuned", tiny_sdxl, "--rank", 2)
+    assert "--device" in refused("--base", tiny_sd, "--tuned", tiny_sdxl, "--rank", 2, "--device", "warp9")
     assert "same model" in refused("--base", tiny_sd, "--tuned", tiny_sd, "--rank", 2)
     assert "positive" in refused("--base", tiny_sd, "--tuned", tiny_sdxl, "--rank", 0)
     assert "not found" in refused("--base", tiny_sd, "--tuned", tmp_path / "nope", "--rank", 2)
