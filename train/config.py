@@ -99,6 +99,13 @@ class DataCfg(_Section):
         "file_name values like ../x.png or /abs/x.png); false = they are errors (data.on_error decides), so a "
         "stray link cannot feed e.g. /etc/hostname into training as a caption",
     )
+    num_workers: int = Field(
+        0,
+        ge=0,
+        description="DataLoader worker processes that decode, crop and flip images (uncached runs) while the "
+        "model trains; every random choice is keyed by sample position, so results and exact resume do not "
+        "depend on it; 0 = decode in the training process",
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -471,6 +478,7 @@ class Config(_Section):
         # Which images train is already in the dataset fingerprint (computed after skipping).
         d["data"].pop("on_error", None)
         d["data"].pop("allow_outside_links", None)
+        d["data"].pop("num_workers", None)  # where images are decoded changes no result
         return d
 
 

@@ -41,6 +41,7 @@ from loracraft.train.data import (
     TrainingExamples,
     assign_bucket,
     collate,
+    loader_workers,
     make_batches,
     make_buckets,
 )
@@ -464,6 +465,7 @@ class LoraTrainer:
                 batch_size=self.cfg.train.batch_size,
                 num_processes=acc.num_processes,
                 rank=acc.process_index,
+                num_workers=loader_workers(self.cfg.data.num_workers, examples, self._print),
                 collate_fn=collate_fn,
             )
         )

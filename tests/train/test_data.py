@@ -262,3 +262,48 @@ def test_random_captions_turn_the_text_cache_off_and_prefixes_cache_correctly(ti
         with torch.no_grad():
             losses[mode] = torch.stack([trainer.compute_loss(b) for b in batches])
     torch.testing.assert_close(losses["true"], losses["false"], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- DataLoader workers
+def test_num_workers_change_no_bit_and_resume_stays_exact(tiny_sd, tmp_path, make_trainer):
+    """Workers only move decoding to other processes: every draw is keyed by sample position."""
+    import signal
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from loracraft.train.trainer import Interrupted
+
+    data = write_captioned_dataset(tmp_path / "data", n=4)
+    for png in data.glob("*.png"):  # 48x32: random crops, decoded on every step (no latent cache)
+        Image.open(png).resize((48, 32)).save(png)
+    over = {"train.max_steps": 4, "checkpoint.every": 2, "train.cache": "false", "data.random_flip": "true",
+            "data.caption_dropout": 0.3, "lora.dropout": 0.1}
+
+    def trained(name, workers, stop_at=None):
+        trainer = make_trainer(tiny_sd, data, tmp_path / name, **over, **{"data.num_workers": workers})
+        assert ("MultiProcessing" in type(trainer.batches).__name__) == (workers > 0)
+        assert trainer.step == (2 if name == "resumed" and stop_at is None else 0)
+        if stop_at is not None:  # as if SIGTERM arrived during step `stop_at`
+            step = trainer.optimizer_step
+
+            def stepping():
+                loss = step()
+                if trainer.step == stop_at:
+                    trainer._signal = signal.SIGTERM
+                return loss
+
+            trainer.optimizer_step = stepping
+            with pytest.raises(Interrupted):
+                trainer.train()
+            return None
+        trainer.train()
+        trainer.cleanup()
+        return load_file(str(tmp_path / name / "pytorch_lora_weights.safetensors"))
+
+    inline = trained("inline", 0)
+    workers = trained("workers", 2)
+    assert inline.keys() == workers.keys() and all(torch.equal(inline[k], workers[k]) for k in inline)
+    trained("resumed", 2, stop_at=2)
+    resumed = trained("resumed", 2)  # the same command again: resumes at step 2
+    assert all(torch.equal(inline[k], resumed[k]) for k in inline)

@@ -34,6 +34,7 @@ _STREAM = (
     "keyed_generator",
     "keyed_seed",
     "load_pixels",
+    "loader_workers",
     "make_batches",
     "make_buckets",
     "positions_for",

@@ -363,6 +363,29 @@ class _RankBatches(torch.utils.data.Sampler):
             m += 1
 
 
+def loader_workers(requested: int, examples: torch.utils.data.Dataset, print_fn=print) -> int:
+    """The DataLoader worker count for ``data.num_workers``.
+
+    Workers started by fork share the dataset as is; any other start method (spawn on macOS and
+    Windows) pickles it, which the cache lookups (closures) do not survive. Then the samples are
+    made in the training process, with a note, rather than failing at the first batch.
+    """
+    import multiprocessing
+    import pickle
+
+    if requested == 0 or multiprocessing.get_start_method() == "fork":
+        return requested
+    try:
+        pickle.dumps(examples)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        print_fn(
+            f"data.num_workers={requested} unused: this platform starts workers without fork and the "
+            f"samples cannot be sent to them ({type(e).__name__}); decoding in the training process"
+        )
+        return 0
+    return requested
+
+
 def make_batches(
     examples: torch.utils.data.Dataset,
     start_micro_step: int,
