@@ -36,6 +36,7 @@ from loracraft.infer.formats.lycoris import save_lycoris
 from loracraft.infer.io import write_json_atomic
 from loracraft.infer.names import LYCORIS_WEIGHT_NAME
 from loracraft.train.config import Config
+from loracraft.train.loss import kohya_metadata
 from loracraft.train.manifest import environment, git_commit, scrub, versions
 
 MANIFEST_NAME = "run.json"
@@ -146,6 +147,7 @@ def adapter_metadata(
         "ss_training_comment": "trained with loracraft",
         FAMILY_METADATA_KEY: family,
         **({"ss_base_model_version": "sdxl_base_v1-0"} if family == "sdxl" else {}),
+        **kohya_metadata(cfg),  # noise / timestep / loss controls that are on
     }
     if cfg.output.share_config:
         meta["loracraft_config"] = json.dumps(scrub(cfg.dump()), sort_keys=True)

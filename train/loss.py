@@ -354,8 +354,34 @@ def prior_preservation_loss(
     return half(slice(0, n_instance)) + prior_loss_weight * half(slice(n_instance, None))
 
 
+def kohya_metadata(cfg) -> dict[str, str]:
+    """The training controls that are on, under kohya sd-scripts' ``ss_*`` metadata keys (what
+    A1111's and kohya's LoRA info panels show). Off controls are left out.
+
+    kohya's clip_skip counts the last layer as 1 (``--clip_skip 2`` = penultimate), one more than
+    ``model.clip_skip``; its ``l2`` loss is ``mse`` here.
+    """
+    t = cfg.train
+    on = {
+        "ss_clip_skip": cfg.model.clip_skip + 1 if cfg.model.clip_skip else None,
+        "ss_noise_offset": t.noise_offset or None,
+        "ss_adaptive_noise_scale": t.adaptive_noise_scale,
+        "ss_multires_noise_iterations": t.multires_noise_iterations or None,
+        "ss_multires_noise_discount": t.multires_noise_discount if t.multires_noise_iterations else None,
+        "ss_zero_terminal_snr": t.zero_terminal_snr or None,
+        "ss_min_snr_gamma": t.snr_gamma,
+        "ss_debiased_estimation": t.debiased_estimation or None,
+        "ss_ip_noise_gamma": t.input_perturbation or None,
+        "ss_loss_type": {"mse": None, "l1": "l1"}.get(t.loss_type, t.loss_type),
+    }
+    if t.loss_type in ("huber", "smooth_l1"):
+        on.update(ss_huber_schedule=t.huber_schedule, ss_huber_c=t.huber_c)
+    return {k: str(v) for k, v in on.items() if v is not None}
+
+
 __all__ = [
     "apply_noise_offset", "debiased_estimation_weights", "diffusion_loss", "elementwise_loss", "huber_threshold",
+    "kohya_metadata",
     "loss_options", "loss_weights", "min_snr_weights", "noise_latents", "offset_draws", "perturbation_draws",
     "prior_preservation_loss", "pyramid_noise", "sample_latents", "sample_noise", "sample_noise_and_timesteps",
     "sample_timesteps", "training_target", "with_zero_terminal_snr",

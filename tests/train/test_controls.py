@@ -7,6 +7,7 @@ from statistics import NormalDist
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from safetensors import safe_open
 
 from loracraft.infer.errors import ConfigError
 from loracraft.train.config import TrainCfg, build_config
@@ -293,7 +294,9 @@ def test_controls_resume_exactly_and_change_training(tiny_sd, pair, tmp_path, ma
     a.train()
     b = make_trainer(tiny_sd, pair, tmp_path / "b", **{**over, "train.max_steps": 2})
     b.train()
-    b.cleanup()
+    out = b.cleanup()
+    with safe_open(str(out), "pt") as f:  # the controls are named in the adapter's kohya header
+        assert f.metadata()["ss_zero_terminal_snr"] == "True" and f.metadata()["ss_loss_type"] == "huber"
     c = make_trainer(
         tiny_sd, pair, tmp_path / "b",
         **{**over, "checkpoint.allow_config_change": "true", "checkpoint.resume": str(tmp_path / "b/checkpoints/step-000002")},
@@ -306,3 +309,16 @@ def test_controls_resume_exactly_and_change_training(tiny_sd, pair, tmp_path, ma
     plain = make_trainer(tiny_sd, pair, tmp_path / "plain", **{"train.max_steps": 4, "model.prediction_type": "v_prediction"})
     plain.train()
     assert any(not torch.equal(a.trainables[n], plain.trainables[n]) for n in a.trainables)
+
+
+def test_controls_that_are_on_are_named_in_kohyas_metadata_keys():
+    from loracraft.train.loss import kohya_metadata
+
+    assert kohya_metadata(build_config(BASE)) == {}  # defaults add nothing to the adapter header
+    cfg = build_config(BASE, ["model.clip_skip=1", "train.noise_offset=0.05", "train.zero_terminal_snr=true",
+                              "train.loss_type=huber", "train.input_perturbation=0.1", "train.debiased_estimation=true"])
+    assert kohya_metadata(cfg) == {
+        "ss_clip_skip": "2",  # kohya counts the last layer as 1
+        "ss_noise_offset": "0.05", "ss_zero_terminal_snr": "True", "ss_ip_noise_gamma": "0.1",
+        "ss_debiased_estimation": "True", "ss_loss_type": "huber", "ss_huber_schedule": "snr", "ss_huber_c": "0.1",
+    }
