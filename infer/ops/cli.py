@@ -84,16 +84,19 @@ def register(subparsers) -> None:
     e.set_defaults(func=cmd_extract)
 
 
-def _print_reports(reports, quiet: bool) -> None:
-    from loracraft.infer.ops.delta import format_report
+def _report(command: str, reports, path, start: float, quiet: bool, notes=()) -> int:
+    """One line per layer (unless ``quiet``), any notes, then the summary line with the wall time."""
+    from loracraft.infer.ops.delta import format_report, summary_line
 
-    if not quiet:
-        for rep in reports:
-            print(format_report(rep))
+    for line in [] if quiet else [format_report(r) for r in reports]:
+        print(line)
+    for line in notes:
+        print(line)
+    print(f"{command}: {summary_line(reports, path)}, {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from loracraft.infer.ops.delta import summary_line
     from loracraft.infer.ops.merge import merge_files, merge_into_base
 
     start = time.perf_counter()
@@ -125,26 +128,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     path, reports = merge_files(
         args.adapters, args.out, rank=args.rank, to=args.to, allow_different_bases=args.allow_different_bases
     )
-    _print_reports(reports, args.quiet)
-    print(f"merge: {summary_line(reports, path)}, {time.perf_counter() - start:.1f} s")
-    return 0
+    return _report("merge", reports, path, start, args.quiet)
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from loracraft.infer.ops.delta import summary_line
     from loracraft.infer.ops.resize import resize_file
 
     start = time.perf_counter()
     path, reports = resize_file(
         args.input, args.out, rank=args.rank, dynamic=args.dynamic, param=args.param, to=args.to
     )
-    _print_reports(reports, args.quiet)
-    print(f"resize: {summary_line(reports, path)}, {time.perf_counter() - start:.1f} s")
-    return 0
+    return _report("resize", reports, path, start, args.quiet)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from loracraft.infer.ops.delta import summary_line
     from loracraft.infer.ops.extract import extract_file
 
     start = time.perf_counter()
@@ -159,8 +156,5 @@ def cmd_extract(args: argparse.Namespace) -> int:
         base_config=args.base_config,
         device=args.device,
     )
-    _print_reports(result.reports, args.quiet)
-    for component, n in sorted(result.unchanged.items()):
-        print(f"{component}: {n} layers equal to the base, not extracted")
-    print(f"extract: {summary_line(result.reports, path)}, {time.perf_counter() - start:.1f} s")
-    return 0
+    notes = [f"{c}: {n} layers equal to the base, not extracted" for c, n in sorted(result.unchanged.items())]
+    return _report("extract", result.reports, path, start, args.quiet, notes)
