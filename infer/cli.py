@@ -20,6 +20,8 @@ _DEFAULTS = {"steps": 25, "guidance": 7.5, "num_images": 1, "strength": 0.75}
 #: Options that describe a new image; ``--from-png`` takes all of them from the PNG instead.
 _GENERATION_OPTIONS = (
     "lora",
+    "lora_blocks",
+    "clip_skip",
     "prompt",
     "negative_prompt",
     "seed",
@@ -59,8 +61,27 @@ def register(subparsers) -> None:
     g.add_argument(
         "--lora",
         action="append",
-        metavar="PATH[:SCALE]",
-        help="adapter file or folder, optionally with its scale; repeat to stack adapters",
+        metavar="PATH[:UNET[:TE]]",
+        help="adapter file or folder, optionally with its weight (and a separate text-encoder weight); "
+        "repeat to stack adapters",
+    )
+    g.add_argument(
+        "--lora-dir",
+        action="append",
+        metavar="DIR",
+        help="folder searched for <lora:NAME:W> tags in the prompt (NAME.safetensors or a run folder NAME/)",
+    )
+    g.add_argument(
+        "--lora-blocks",
+        action="append",
+        metavar="[NAME:]down=W,mid=W,up=W",
+        help="UNet block weights of one adapter, multiplying its weight (down.1=W: one block); "
+        "NAME may be left out when one adapter is loaded",
+    )
+    g.add_argument(
+        "--clip-skip",
+        type=int,
+        help="condition on the CLIP layer N from the end (1 = last, default; A1111 counting)",
     )
     g.add_argument("--prompt", action="append", help="text prompt; repeat for several prompts")
     g.add_argument("--negative-prompt", help="negative prompt (applies to every prompt)")
@@ -133,7 +154,7 @@ def _validate_generate(args) -> list[str]:
         if given:
             problems.append(
                 f"--from-png takes every setting from the image, {', '.join(given)}, drop them "
-                "(only --base/--base-config/--out/--allow-pickle may be given)"
+                "(only --base/--base-config/--lora-dir/--out/--allow-pickle may be given)"
             )
         return problems
     if not args.base:
@@ -142,18 +163,19 @@ def _validate_generate(args) -> list[str]:
         problems.append("no prompt, --prompt, pass the text to generate")
     if args.mask and not args.init_image:
         problems.append("a mask needs an image to inpaint, --mask, pass --init-image too")
-    if (args.fuse or args.scale_sweep) and not args.lora:
+    if (
+        (args.fuse or args.scale_sweep)
+        and not args.lora
+        and "<lora:" not in " ".join(args.prompt or []).lower()
+    ):
         flag = "--fuse" if args.fuse else "--scale-sweep"
         problems.append(f"{flag} needs an adapter, {flag}, pass --lora PATH")
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path and not Path(path).expanduser().is_file():
             problems.append(f"file not found, {flag} {path}, check the path")
-    for spec in args.lora or []:
-        from loracraft.infer.adapters import parse_lora_arg
-
-        path, _ = parse_lora_arg(spec)
-        if not Path(path).expanduser().exists():
-            problems.append(f"adapter file not found, --lora {path}, check the path")
+    problems.extend(_check_adapter_options(args))
+    if args.clip_skip is not None and args.clip_skip < 1:
+        problems.append(f"clip skip counts from 1 (the last layer), --clip-skip {args.clip_skip}, use 1 or 2")
     if args.scheduler:
         from loracraft.infer.schedulers import resolve_scheduler
 
@@ -167,6 +189,76 @@ def _validate_generate(args) -> list[str]:
         except UsageError as e:
             problems.extend(e.problems)
     return problems
+
+
+def _check_adapter_options(args) -> list[str]:
+    """--lora paths, --lora-blocks spellings and the prompts' <lora:> tags, before any load."""
+    from loracraft.infer.adapters import parse_block_weights, parse_lora_spec
+
+    problems: list[str] = []
+    for spec in args.lora or []:
+        try:
+            path = parse_lora_spec(spec)[0]
+        except UsageError as e:
+            problems.extend(e.problems)
+            continue
+        if not Path(path).expanduser().exists():
+            problems.append(f"adapter file not found, --lora {path}, check the path")
+    for spec in args.lora_blocks or []:
+        try:
+            parse_block_weights(spec)
+        except UsageError as e:
+            problems.extend(e.problems)
+    try:
+        _prompt_tags(args)
+    except UsageError as e:
+        problems.extend(e.problems)
+    return problems
+
+
+def _prompt_tags(args) -> tuple[list[str], list[tuple[str, float, float | None, str]]]:
+    """Prompts without their <lora:> tags, and the tagged adapters as (path, unet, te, name)."""
+    from loracraft.infer.prompts import extract_lora_tags, find_lora
+
+    cleaned, tag_sets = [], []
+    for prompt in args.prompt or []:
+        text, tags = extract_lora_tags(prompt)
+        cleaned.append(text)
+        tag_sets.append(tags)
+    if any(tags != tag_sets[0] for tags in tag_sets):
+        raise UsageError(
+            "the prompts carry different <lora:> tags, --prompt, run prompts with different adapters separately"
+        )
+    specs = []
+    for tag in tag_sets[0] if tag_sets else []:
+        path = find_lora(tag.name, args.lora_dir or [])
+        specs.append((str(path), tag.unet, tag.text_encoder, tag.name))
+    return cleaned, specs
+
+
+def _load_adapters(pipe, args) -> None:
+    """--lora adapters, then the prompts' <lora:> tags, then --lora-blocks; one set_scales."""
+    from loracraft.infer import adapters as A
+
+    A.load_adapters(pipe, args.lora or [], allow_pickle=args.allow_pickle)
+    taken = {a.name for a in A.loaded_adapters(pipe)}
+    for path, unet, te, name in _prompt_tags(args)[1]:
+        A.load_adapter(
+            pipe, path, name=name if name not in taken else None, scale=unet, text_encoder_scale=te,
+            allow_pickle=args.allow_pickle, activate=False,
+        )  # fmt: skip
+    loaded = {a.name: a for a in A.loaded_adapters(pipe)}
+    for spec in args.lora_blocks or []:
+        name, weights = A.parse_block_weights(spec)
+        if name is None and len(loaded) == 1:
+            name = next(iter(loaded))
+        if name not in loaded:
+            raise UsageError(
+                f"no loaded adapter {name!r} for block weights, --lora-blocks {spec}, "
+                f"start it with one of: {', '.join(loaded) or 'none loaded'}"
+            )
+        loaded[name].blocks = weights
+    A.set_scales(pipe)
 
 
 def _next_index(out: Path) -> int:
@@ -189,6 +281,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from loracraft.infer import adapters as A
     from loracraft.infer.generation import generate, regenerate, save_grid, sweep_scales
     from loracraft.infer.models import load_base
+    from loracraft.infer.prompts import extract_lora_tags
 
     problems = _validate_generate(args)
     if problems:
@@ -216,10 +309,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         attention_slicing=args.attention_slicing,
     )
-    A.load_adapters(pipe, args.lora or [], allow_pickle=args.allow_pickle)
+    _load_adapters(pipe, args)
     kwargs = dict(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
+        prompt=_prompt_tags(args)[0],
+        negative_prompt=extract_lora_tags(args.negative_prompt)[0] if args.negative_prompt else None,
         steps=args.steps if args.steps is not None else _DEFAULTS["steps"],
         guidance=args.guidance if args.guidance is not None else _DEFAULTS["guidance"],
         num_images_per_prompt=args.num_images if args.num_images is not None else _DEFAULTS["num_images"],
@@ -229,6 +322,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         init_image=args.init_image,
         mask_image=args.mask,
         strength=args.strength if args.strength is not None else _DEFAULTS["strength"],
+        clip_skip=args.clip_skip or 1,
     )
     if args.scale_sweep:
         scales = _parse_sweep(args.scale_sweep)

@@ -25,6 +25,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,7 @@ from loracraft.infer.errors import UsageError
 __all__ = [
     "LoraTag",
     "extract_lora_tags",
+    "find_lora",
     "parse_emphasis",
     "build_chunks",
     "apply_emphasis",
@@ -104,6 +106,31 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     # Removing a tag leaves its neighbouring spaces; CLIP's tokenizer ignores them anyway.
     text = re.sub(r"[ \t]+([,.;])", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
     return text, tags
+
+
+def find_lora(name: str, folders: Sequence[str | Path]) -> Path:
+    """The adapter a ``<lora:NAME>`` tag means: ``NAME.safetensors`` or a run folder ``NAME/``
+    holding ``pytorch_lora_weights.safetensors`` in one of ``folders``, else anywhere below
+    them (A1111 looks in sub-folders of its LoRA folder too). The first folder wins."""
+    from loracraft.infer.formats import LORA_WEIGHT_NAME
+
+    if not folders:
+        raise UsageError(
+            f"the prompt names <lora:{name}> but no LoRA folder is given, --lora-dir, "
+            f"pass the folder holding {name}.safetensors"
+        )
+    for folder in map(Path, folders):
+        for candidate in (folder / f"{name}.safetensors", folder / name / LORA_WEIGHT_NAME):
+            if candidate.is_file():
+                return candidate
+    for folder in map(Path, folders):
+        found = sorted(folder.rglob(f"{name}.safetensors")) if folder.is_dir() else []
+        if found:
+            return found[0]
+    raise UsageError(
+        f"LoRA {name!r} named in the prompt is not in {', '.join(map(str, folders))}, --lora-dir, "
+        f"add {name}.safetensors (or a run folder {name}/) there or pass --lora PATH"
+    )
 
 
 # --------------------------------------------------------------------------------------------
