@@ -22,22 +22,26 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-#: Modules that add their own subcommands: each has ``register(subparsers)``.
-SUBCOMMAND_MODULES = (
-    "loracraft.infer.cli",
-    "loracraft.infer.ops.cli",
-    "loracraft.train.commands.check_data",
-    "loracraft.train.commands.reproduce",
-    "loracraft.train.commands.demo",
-    "loracraft.train.commands.evaluate",
-    "loracraft.train.commands.report",
-    "loracraft.train.commands.ui",
-)
+#: Each subcommand -> the module whose ``register(subparsers)`` adds it. Only the module of the
+#: command being run is imported (``--help`` imports them all), so a command never pays for the
+#: imports of the others (numpy, the toy world, ...).
+COMMAND_MODULES = {
+    "generate": "loracraft.infer.cli",
+    "convert": "loracraft.infer.cli",
+    "merge": "loracraft.infer.ops.cli",
+    "resize": "loracraft.infer.ops.cli",
+    "extract": "loracraft.infer.ops.cli",
+    "check-data": "loracraft.train.commands.check_data",
+    "reproduce": "loracraft.train.commands.reproduce",
+    "demo": "loracraft.train.commands.demo",
+    "eval": "loracraft.train.commands.evaluate",
+    "report": "loracraft.train.commands.report",
+    "ui": "loracraft.train.commands.ui",
+}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from loracraft.train.config import config_help, load_config
-    from loracraft.train.trainer import run_training
 
     if args.help_config:
         print(config_help())
@@ -45,11 +49,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.config:
         raise UsageError("no config given, command line, run `loracraft train CONFIG.yaml`")
     cfg = load_config(args.config, args.overrides)
+    # Only now torch, diffusers and the rest (~10 s): a config typo is reported in a second.
+    from loracraft.train.trainer import run_training
+
     run_training(cfg)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``loracraft`` parser; with ``command``, only the modules that command needs are imported."""
     parser = argparse.ArgumentParser(
         prog="loracraft",
         description="LoRA fine-tuning of Stable Diffusion: train, generate, convert, check data.",
@@ -65,15 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every config key with its default")
     p.set_defaults(func=cmd_train)
 
-    for module in SUBCOMMAND_MODULES:
+    if command == "train":
+        return parser
+    wanted = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()
+    for module in dict.fromkeys(wanted):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register(sub)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand word (the first argument that is not a flag; ``--debug`` takes no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -118,3 +118,39 @@ def test_exit_codes_of_missing_and_bad_paths(argv, code, needle, recipe, tmp_pat
     for key, value in subs.items():
         argv = [a.replace(key, value) for a in argv]
     _one_line_error(run(*argv), code, needle)
+
+
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "datasets")
+PROBE = """
+import sys
+import loracraft.train.config, loracraft.train.cli, loracraft.train.run_dir
+from loracraft.train.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:  # --help
+    rc = e.code
+print(rc, sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["train", "--help-config"],
+        ["train", "@RECIPE@", "bad.key=1"],
+        ["train", "@RECIPE@", "train.lr=abc"],
+        ["check-data", "@TMP@/no-such-data"],
+    ],
+)
+def test_config_errors_and_help_import_no_ml_library(argv, recipe, tmp_path):
+    """A typo must be reported in about a second: torch & co. cost ~10 s of imports."""
+    import subprocess
+    import sys
+
+    argv = [a.replace("@RECIPE@", str(recipe(GOOD))).replace("@TMP@", str(tmp_path)) for a in argv]
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv], capture_output=True, text=True, timeout=120
+    )
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.endswith(" []"), (last, proc.stderr[-2000:])
