@@ -134,16 +134,18 @@ class GeneratedImage:
         return save_png(self.image, self.record, path)
 
 
-def _versions() -> dict:
-    import diffusers
+def installed_versions(packages: Sequence[str] = ("loracraft", "diffusers", "torch")) -> dict[str, str]:
+    """``{distribution: installed version}`` ("not installed" when absent): what a record or run manifest
+    keeps so a later reproduction can say why its numbers differ."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        from importlib.metadata import version
-
-        lc = version("loracraft")
-    except Exception:  # noqa: BLE001 - running from a source tree without metadata
-        lc = "unknown"
-    return {"loracraft": lc, "diffusers": diffusers.__version__, "torch": torch.__version__}
+    out = {}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,7 +519,7 @@ def generate(
     adapters, fused = _adapter_records(pipe)
     sched = scheduler_name(run)
     sched_cfg = _explicit_config(run.scheduler.config)
-    versions = _versions()
+    versions = installed_versions()
     out: list[GeneratedImage] = []
     for i in range(total):
         p, n = prompts[i // num_images_per_prompt], negatives[i // num_images_per_prompt]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 import re
 import subprocess
@@ -22,13 +21,10 @@ def scrub(obj):
 
 
 def versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    """Installed versions of the packages a run depends on (the same collector generation records use)."""
+    from loracraft.infer.generation import installed_versions
+
+    return installed_versions(PACKAGES)
 
 
 def git_commit() -> str | None:

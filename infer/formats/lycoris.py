@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from loracraft.infer.errors import AdapterError
-from loracraft.infer.io import atomic_path
+from loracraft.infer.formats.files import read_safetensors, write_safetensors
+from loracraft.infer.formats.kohya import model_module_table
+from loracraft.infer.formats.model import most_common
 
 __all__ = [
     "LYCORIS_TYPES",
@@ -82,7 +82,9 @@ def _lokr_dim(parts: dict[str, torch.Tensor]) -> int | None:
 # Writing (from peft)
 # --------------------------------------------------------------------------------------------
 def to_lycoris_state(
-    peft_state: dict[str, torch.Tensor], rank: dict[str, int] | int, alpha: dict[str, float] | float,
+    peft_state: dict[str, torch.Tensor],
+    rank: dict[str, int] | int,
+    alpha: dict[str, float] | float,
     prefix: str = "lora_unet_",
 ) -> dict[str, torch.Tensor]:
     """peft LoHa/LoKr state dict (``get_peft_model_state_dict`` naming) -> kohya/LyCORIS tensors.
@@ -97,7 +99,9 @@ def to_lycoris_state(
     for key, value in peft_state.items():
         m = _PEFT_KEY.match(key)
         if m is None:
-            raise AdapterError(f"unrecognised LoHa/LoKr key {key!r}, peft state, expected <module>.hada_*/lokr_*")
+            raise AdapterError(
+                f"unrecognised LoHa/LoKr key {key!r}, peft state, expected <module>.hada_*/lokr_*"
+            )
         modules.setdefault(m["mod"], {})[m["kind"]] = value.detach().to("cpu").contiguous()
     out: dict[str, torch.Tensor] = {}
     for path, parts in sorted(modules.items()):
@@ -115,23 +119,29 @@ def to_lycoris_state(
 
 
 def save_lycoris(
-    path: str | Path, peft_state: dict[str, torch.Tensor], algo: str, rank: int, alpha: float,
+    path: str | Path,
+    peft_state: dict[str, torch.Tensor],
+    algo: str,
+    rank: int,
+    alpha: float,
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a trained peft LoHa/LoKr UNet adapter as a kohya/LyCORIS ``.safetensors`` file (atomically)."""
     if algo not in LYCORIS_TYPES:
-        raise AdapterError(f"unknown LyCORIS algorithm {algo!r}, save_lycoris, use one of {', '.join(LYCORIS_TYPES)}")
+        raise AdapterError(
+            f"unknown LyCORIS algorithm {algo!r}, save_lycoris, use one of {', '.join(LYCORIS_TYPES)}"
+        )
     tensors = to_lycoris_state(peft_state, rank, alpha)
     meta = {"format": "pt", **(metadata or {})}
-    meta.update({
-        "ss_network_module": "lycoris.kohya",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
-        "ss_network_args": json.dumps({"algo": algo}),
-    })
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return Path(path)
+    meta.update(
+        {
+            "ss_network_module": "lycoris.kohya",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(alpha),
+            "ss_network_args": json.dumps({"algo": algo}),
+        }
+    )
+    return write_safetensors(path, tensors, meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,14 +171,14 @@ class LycorisAdapter:
     def kind(self) -> str:
         kinds = {m.kind for m in self.modules.values()}
         if len(kinds) != 1:
-            raise AdapterError(f"adapter mixes LoHa and LoKr modules, {self.path}, load one algorithm per file")
+            raise AdapterError(
+                f"adapter mixes LoHa and LoKr modules, {self.path}, load one algorithm per file"
+            )
         return kinds.pop()
 
 
 def read_lycoris(path: str | Path) -> LycorisAdapter:
     """Parse a kohya/LyCORIS LoHa or LoKr file (UNet modules)."""
-    from loracraft.infer.formats import read_safetensors
-
     file = Path(path)
     tensors, header = read_safetensors(file)
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -181,7 +191,9 @@ def read_lycoris(path: str | Path) -> LycorisAdapter:
                 "use an adapter that adapts only the UNet"
             )
         if not name.startswith("lora_unet_"):
-            raise AdapterError(f"unrecognised LoHa/LoKr key {key!r}, {file}, expected lora_unet_<module>.<weight>")
+            raise AdapterError(
+                f"unrecognised LoHa/LoKr key {key!r}, {file}, expected lora_unet_<module>.<weight>"
+            )
         flat = name.removeprefix("lora_unet_")
         if suffix == "alpha":
             alphas[flat] = float(value.float().reshape(-1)[0])
@@ -223,20 +235,18 @@ def _rank_alpha(mod: LycorisModule, kind: str) -> tuple[int, float]:
     return r, float(r)
 
 
-def _most_common(values):
-    return Counter(values).most_common(1)[0][0]
-
-
 def _peft_config(adapter: LycorisAdapter, paths: dict[str, str], decompose_factor: int = -1):
     from peft import LoHaConfig, LoKrConfig
 
     kind = adapter.kind
     ra = {paths[f]: _rank_alpha(m, kind) for f, m in adapter.modules.items()}
-    r = _most_common(v[0] for v in ra.values())
-    alpha = _most_common(v[1] for v in ra.values())
+    r = most_common(v[0] for v in ra.values())
+    alpha = most_common(v[1] for v in ra.values())
     common = dict(
-        r=r, alpha=alpha, target_modules=sorted(ra),
-        # "^" anchors the pattern at the start of the module name (peft#2419), as formats.py does.
+        r=r,
+        alpha=alpha,
+        target_modules=sorted(ra),
+        # "^" anchors the pattern at the start of the module name (peft#2419), as the LoRA config writer does.
         rank_pattern={f"^{k}": v[0] for k, v in sorted(ra.items()) if v[0] != r},
         alpha_pattern={f"^{k}": v[1] for k, v in sorted(ra.items()) if v[1] != alpha},
         init_weights=False,
@@ -248,8 +258,6 @@ def _peft_config(adapter: LycorisAdapter, paths: dict[str, str], decompose_facto
 
 
 def _resolve_paths(unet: torch.nn.Module, adapter: LycorisAdapter, where: str) -> dict[str, str]:
-    from loracraft.infer.formats import model_module_table
-
     table = model_module_table(unet)
     missing = [f for f in adapter.modules if f not in table]
     if missing:
@@ -260,7 +268,9 @@ def _resolve_paths(unet: torch.nn.Module, adapter: LycorisAdapter, where: str) -
     return {f: table[f] for f in adapter.modules}
 
 
-def _peft_state(adapter: LycorisAdapter, paths: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _peft_state(
+    adapter: LycorisAdapter, paths: dict[str, str], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     state = {}
     for flat, mod in adapter.modules.items():
         for kind, tensor in mod.parts.items():
@@ -308,12 +318,16 @@ def load_lycoris(pipe, path: str | Path, name: str) -> LycorisAdapter:
             break
         _remove(unet, name)
     if problem is not None:
-        raise AdapterError(f"LoHa/LoKr adapter does not fit the base: {problem}, {where}, use the base it was trained on")
+        raise AdapterError(
+            f"LoHa/LoKr adapter does not fit the base: {problem}, {where}, use the base it was trained on"
+        )
     result = set_peft_model_state_dict(unet, state, adapter_name=name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "hada_" in k or "lokr_" in k]
     if unexpected:
         _remove(unet, name)
-        raise AdapterError(f"the UNet did not take LyCORIS weight {unexpected[0]}, {where}, report this with the file")
+        raise AdapterError(
+            f"the UNet did not take LyCORIS weight {unexpected[0]}, {where}, report this with the file"
+        )
     return adapter
 
 

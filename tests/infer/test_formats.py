@@ -199,7 +199,7 @@ def test_all_diffusers_spellings_parse_to_the_same_module():
 @pytest.mark.parametrize(
     "key, kind",
     [
-        ("lora_unet_a_to_q.dora_scale", "DoRA"),
+        ("unet.a.to_q.dora_scale", "DoRA"),
         ("lora_unet_a_to_q.hada_w1_a", "LyCORIS"),
     ],
 )

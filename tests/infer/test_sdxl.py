@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from loracraft.infer.adapters import load_adapter, unload
 from loracraft.infer.errors import AdapterError
-from loracraft.infer.formats import LORA_WEIGHT_NAME, read_lora, read_safetensors, write_lora
+from loracraft.infer.formats import LORA_WEIGHT_NAME, read_lora, read_safetensors, unet_layout, write_lora
 from loracraft.infer.generation import generate
 from loracraft.infer.models import folder_family, load_base, model_family
 from loracraft.infer.testing import run_infer_cli as run
@@ -151,8 +151,9 @@ def test_kohya_sgm_names_import_to_the_same_diffusers_modules(sdxl_pipe, tmp_pat
     # and it loads onto the SDXL base (every module found, every shape fits)
     load_adapter(sdxl_pipe, sgm)
     unload(sdxl_pipe)
-    # exporting writes kohya's SGM names back, exactly the hand-written ones
-    exported = read_safetensors(write_lora(b, tmp_path / "again.safetensors", to="kohya"))[0]
+    # exporting writes kohya's SGM names back, exactly the hand-written ones (numbered by the base's layout)
+    layout = unet_layout(sdxl_pipe.unet.config)
+    exported = read_safetensors(write_lora(b, tmp_path / "again.safetensors", to="kohya", unet_layout=layout))[0]
     assert {k.split(".")[0] for k in exported} == {f"lora_unet_{v}" for v in HAND_SGM.values()}
 
 
