@@ -65,6 +65,11 @@ class DataCfg(_Section):
     center_crop: bool = False
     random_flip: bool = False
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability of an empty caption")
+    max_token_length: int = Field(
+        75, ge=75, le=750, multiple_of=75, description="caption tokens the text encoder sees: 75 (one CLIP window; "
+        "longer captions are cut) or 150/225 (kohya --max_token_length): every caption in 75-token windows, each "
+        "encoded on its own and joined (A1111's long prompts)",
+    )
     shuffle_tags: bool = False
     keep_tokens: int = Field(
         0,

@@ -284,7 +284,8 @@ class LoraTrainer:
         freeze_and_cast(c, weight_dtype)
         # Stored once: diffusers' `unet.dtype` walks every module (~10 ms per call on SD1.5).
         self.weight_dtype = weight_dtype
-        self.conditioning = conditioning_for(c.family, m.clip_skip)  # prompt encoding + UNet inputs (SD1 or SDXL)
+        # prompt encoding + UNet inputs (SD1 or SDXL)
+        self.conditioning = conditioning_for(c.family, m.clip_skip, self.cfg.data.max_token_length)
         device = self.accelerator.device
         for module in (c.unet, c.vae, *c.text_encoders):
             module.to(device)

@@ -81,3 +81,48 @@ def test_clip_skip_keys_the_text_cache(tiny_sd, tiny_dataset, sd_pipe, tmp_path,
                 [sd_pipe.tokenizer], [sd_pipe.text_encoder], batch["captions"], "cpu"
             )["text_embeds"]
         torch.testing.assert_close(batch["text_embeds"], expected.to(batch["text_embeds"].dtype))
+
+
+def _encode(pipe, captions, **kw):
+    with torch.no_grad():
+        return conditioning_for("sd", **kw).encode_prompt([pipe.tokenizer], [pipe.text_encoder], captions, "cpu")
+
+
+def test_long_captions_are_encoded_in_75_token_windows(sd_pipe):
+    """data.max_token_length=225: window k holds tokens 75k..75k+74 between BOS and EOS, each
+    encoded as the tokenizer would encode that text alone (A1111's long prompts)."""
+    first, second = " ".join(["a"] * 75), "red cube on the table"  # "a" is one token: 75 tokens exactly
+    assert len(sd_pipe.tokenizer(first, add_special_tokens=False).input_ids) == 75
+    got = _encode(sd_pipe, [f"{first} {second}", "blue sphere"], max_token_length=225)["text_embeds"]
+    assert got.shape[1] == 3 * 77
+    alone = _encode(sd_pipe, [first, second, "", "blue sphere"])["text_embeds"]
+    torch.testing.assert_close(got[0, :77], alone[0])  # window 1: exactly today's truncated encoding
+    torch.testing.assert_close(got[0, 77:154], alone[1])  # window 2: the rest, as if it were the caption
+    torch.testing.assert_close(got[0, 154:], alone[2])  # window 3: nothing left: an empty caption's encoding
+    torch.testing.assert_close(got[1, :77], alone[3])
+    torch.testing.assert_close(_encode(sd_pipe, ["blue sphere"], max_token_length=75)["text_embeds"], alone[3:])
+
+
+def test_long_captions_train_with_the_text_cache(tiny_sd, tiny_dataset, sd_pipe, tmp_path, make_trainer):
+    trainer = make_trainer(tiny_sd, tiny_dataset, tmp_path / "r", **{"data.max_token_length": 150,
+                                                                    "train.cache_dir": str(tmp_path / "cache")})
+    batch = next(trainer.batches)
+    assert batch["text_embeds"].shape[1] == 2 * 77  # cached per max_token_length
+    expected = _encode(sd_pipe, batch["captions"], max_token_length=150)["text_embeds"]
+    torch.testing.assert_close(batch["text_embeds"], expected.to(batch["text_embeds"].dtype))
+    assert torch.isfinite(trainer.compute_loss(batch))
+
+
+def test_sdxl_long_captions_keep_the_first_windows_pooled_embedding(sdxl_pipe):
+    p = sdxl_pipe
+    caption = " ".join(["a"] * 80) + " red cube"
+    with torch.no_grad():
+        long = conditioning_for("sdxl", None, 150).encode_prompt(
+            [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2], [caption, "blue"], "cpu"
+        )
+        short = conditioning_for("sdxl").encode_prompt(
+            [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2], [caption, "blue"], "cpu"
+        )
+    assert long["text_embeds"].shape[1] == 2 * 77
+    torch.testing.assert_close(long["text_embeds"][:, :77], short["text_embeds"])
+    torch.testing.assert_close(long["pooled_text_embeds"], short["pooled_text_embeds"])
