@@ -364,6 +364,7 @@ def kohya_metadata(cfg) -> dict[str, str]:
     t = cfg.train
     on = {
         "ss_clip_skip": cfg.model.clip_skip + 1 if cfg.model.clip_skip else None,
+        "ss_max_token_length": cfg.data.max_token_length if cfg.data.max_token_length != 75 else None,
         "ss_noise_offset": t.noise_offset or None,
         "ss_adaptive_noise_scale": t.adaptive_noise_scale,
         "ss_multires_noise_iterations": t.multires_noise_iterations or None,

@@ -315,10 +315,12 @@ def test_controls_that_are_on_are_named_in_kohyas_metadata_keys():
     from loracraft.train.loss import kohya_metadata
 
     assert kohya_metadata(build_config(BASE)) == {}  # defaults add nothing to the adapter header
-    cfg = build_config(BASE, ["model.clip_skip=1", "train.noise_offset=0.05", "train.zero_terminal_snr=true",
+    cfg = build_config(BASE, ["model.clip_skip=1", "data.max_token_length=225", "train.noise_offset=0.05",
+                              "train.zero_terminal_snr=true",
                               "train.loss_type=huber", "train.input_perturbation=0.1", "train.debiased_estimation=true"])
     assert kohya_metadata(cfg) == {
         "ss_clip_skip": "2",  # kohya counts the last layer as 1
+        "ss_max_token_length": "225",
         "ss_noise_offset": "0.05", "ss_zero_terminal_snr": "True", "ss_ip_noise_gamma": "0.1",
         "ss_debiased_estimation": "True", "ss_loss_type": "huber", "ss_huber_schedule": "snr", "ss_huber_c": "0.1",
     }
