@@ -126,6 +126,13 @@ def register(subparsers) -> None:
     c.add_argument("output", metavar="OUT", help="output .safetensors file, or a folder")
     c.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="target format")
     c.add_argument("--allow-pickle", action="store_true", help="allow a .ckpt/.pt/.bin input (can run code)")
+    c.add_argument(
+        "--base",
+        metavar="MODEL",
+        default=None,
+        help="the base the adapter was trained on (diffusers folder or Hub id): its UNet layout numbers kohya's "
+        "SDXL block names (needed for a non-standard SDXL-architecture base whose adapter does not record it)",
+    )
     c.set_defaults(func=cmd_convert)
 
 
@@ -293,7 +300,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.from_png:
         image = regenerate(
-            args.from_png, base=args.base, base_config=args.base_config, allow_pickle=args.allow_pickle
+            args.from_png,
+            base=args.base,
+            base_config=args.base_config,
+            allow_pickle=args.allow_pickle,
+            lora_dirs=args.lora_dir or [],
         )
         path = image.save(out / f"{index:05d}-{image.record.seed}.png")
         print(path)
@@ -361,12 +372,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Run ``loracraft convert IN OUT --to FORMAT``; prints the written file and its shape."""
     from loracraft.infer.formats import convert_lora_file, read_lora
 
-    path = convert_lora_file(args.input, args.output, args.to, allow_pickle=args.allow_pickle)
+    path = convert_lora_file(args.input, args.output, args.to, allow_pickle=args.allow_pickle, base=args.base)
     adapter = read_lora(path)
     ranks = sorted({m.rank for _, _, m in adapter.items()})
     alphas = sorted({m.alpha for _, _, m in adapter.items()})
+    dora = any(m.magnitude is not None for _, _, m in adapter.items())
     print(
         f"{path} ({args.to}, {adapter.num_modules} modules, rank {'/'.join(map(str, ranks))}, "
-        f"alpha {'/'.join(f'{a:g}' for a in alphas)})"
+        f"alpha {'/'.join(f'{a:g}' for a in alphas)}{', DoRA' if dora else ''})"
     )
+    if dora and args.to == "kohya":
+        print(
+            "note: DoRA is stored as output-axis dora_scale (LyCORIS wd_on_output); LyCORIS applies it exactly, "
+            "ComfyUI approximately, A1111 not correctly (it decomposes along the input axis)"
+        )
     return 0

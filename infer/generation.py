@@ -48,6 +48,11 @@ __all__ = [
 #: Short names accepted by ``--scheduler`` -> diffusers classes (A1111 sampler names work too).
 from loracraft.infer.schedulers import SCHEDULERS  # noqa: E402  (light module: the CLI parser reads it)
 
+#: Largest accepted image side: 8192 px already needs ~4 GB of latents-side activations on SDXL;
+#: a hostile record asking for 200000 px would try to allocate ~160 GB.
+MAX_SIDE = 8192
+#: Most denoising steps accepted (schedulers are trained on 1000 timesteps).
+MAX_STEPS = 1000
 PNG_PARAMETERS_KEY = "parameters"  # A1111 convention
 PNG_RECORD_KEY = "loracraft"
 RECORD_VERSION = 1
@@ -81,6 +86,8 @@ class GenerationRecord:
     versions: dict = field(default_factory=dict)
     version: int = RECORD_VERSION
     clip_skip: int = 1
+    #: "a1111" for a record read from an A1111 ``parameters`` text (prompt still holds its tags).
+    source: str = "loracraft"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=str)
@@ -225,6 +232,11 @@ def check_size(pipe, width: int | None, height: int | None) -> tuple[int, int]:
     default = int(pipe.unet.config.sample_size) * vae_scale_factor(pipe)
     w = default if width is None else int(width)
     h = default if height is None else int(height)
+    big = [f"{label} {v}" for label, v in (("width", w), ("height", h)) if v > MAX_SIDE]
+    if big:
+        raise UsageError(
+            f"{' and '.join(big)} above the {MAX_SIDE} px limit, --width/--height, use at most {MAX_SIDE}"
+        )
     bad = [f"{label} {v}" for label, v in (("width", w), ("height", h)) if v <= 0 or v % m]
     if bad:
 
@@ -304,7 +316,8 @@ def save_grid(
 
 
 def read_record(png: str | Path) -> GenerationRecord:
-    """The :class:`GenerationRecord` a loracraft PNG carries."""
+    """The :class:`GenerationRecord` a PNG carries: loracraft's own JSON chunk, else A1111's
+    ``parameters`` text. Every field is checked (types and bounds) before anything is loaded."""
     path = Path(png).expanduser()
     if not path.is_file():
         raise UsageError(f"image not found, {path}, check the --from-png path")
@@ -315,18 +328,135 @@ def read_record(png: str | Path) -> GenerationRecord:
         raise UsageError(f"not a readable PNG ({e}), {path}, pass a PNG written by loracraft generate") from e
     raw = text.get(PNG_RECORD_KEY)
     if not raw:
+        if text.get(PNG_PARAMETERS_KEY):
+            return _check_record(_record_from_infotext(text[PNG_PARAMETERS_KEY], path), path)
         raise UsageError(
-            f"PNG has no loracraft record (only images written by loracraft generate do), {path}, "
-            "pick one of those"
+            f"PNG has no generation record (neither loracraft's nor A1111's parameters), {path}, "
+            "pick an image written by loracraft generate or AUTOMATIC1111"
         )
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise UsageError(f"PNG's loracraft record is damaged ({e}), {path}, use the original file") from e
-    if "grid" in data:
-        cells = data["grid"].get("cells") or []
+    if isinstance(data, dict) and "grid" in data:
+        cells = data["grid"].get("cells") if isinstance(data["grid"], dict) else None
         hint = f"regenerate one of its cells, e.g. {cells[0]}" if cells else "regenerate one of its cells"
         raise UsageError(f"PNG is a grid, not a single image, {path}, {hint}")
+    return _check_record(data, path)
+
+
+def _record_from_infotext(text: str, path: Path) -> dict:
+    """A1111's settings line as record fields (the prompt keeps its <lora:> tags)."""
+    from loracraft.infer.prompts import parse_infotext
+    from loracraft.infer.schedulers import resolve_scheduler
+
+    prompt, negative, s = parse_infotext(text)
+    missing = [k for k in ("Steps", "Sampler", "CFG scale", "Seed", "Size") if k not in s]
+    if missing:
+        raise UsageError(
+            f"A1111 parameters lack {', '.join(missing)}, {path}, only complete A1111 infotexts can be regenerated"
+        )
+    problems: list[str] = []
+
+    def number(key: str, kind):
+        try:
+            return kind(s[key]) if kind is int else float(s[key])
+        except ValueError:
+            problems.append(f"A1111 field {key}: {s[key]!r} is not a number, {path}, fix or drop the field")
+            return None
+
+    w, _, h = s["Size"].partition("x")
+    if not (w.isdigit() and h.isdigit()):
+        problems.append(f"A1111 field Size: {s['Size']!r} is not WIDTHxHEIGHT, {path}, write e.g. 512x768")
+    try:
+        scheduler = resolve_scheduler(s["Sampler"], schedule_type=s.get("Schedule type"))[0]
+    except UsageError as e:
+        scheduler = None
+        problems.append(f"A1111 sampler {s['Sampler']!r} is not supported ({e.problems[0].split(',')[0]}), {path}, "
+                        "regenerate with loracraft generate --scheduler NAME instead")  # fmt: skip
+    record = {
+        "prompt": prompt, "negative_prompt": negative or None, "seed": number("Seed", int),
+        "steps": number("Steps", int), "guidance": number("CFG scale", float), "scheduler": scheduler,
+        "width": int(w) if w.isdigit() else None, "height": int(h) if h.isdigit() else None,
+        "base": {"base": "unknown"}, "clip_skip": number("Clip skip", int) if "Clip skip" in s else 1,
+        "source": "a1111",
+    }  # fmt: skip
+    if problems:
+        raise UsageError(
+            problems[0] if len(problems) == 1 else f"{len(problems)} problems", problems=problems
+        )
+    return record
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+
+
+def _check_record(data, path: Path) -> GenerationRecord:
+    """Refuse a record whose fields have the wrong type or absurd values, naming each."""
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"PNG's loracraft record is a JSON {type(data).__name__}, not an object, {path}, "
+            "use an image written by loracraft generate"
+        )
+    problems: list[str] = []
+
+    def bad(field: str, value, rule: str) -> None:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        problems.append(f"record field {field} = {shown} {rule}, {path}, regenerate from an unedited PNG")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v) -> bool:
+        return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+    req = {"prompt", "seed", "steps", "guidance", "scheduler", "width", "height", "base"}
+    for key in sorted(req - set(data)):
+        bad(key, None, "is missing")
+    checks = [
+        ("prompt", lambda v: isinstance(v, str), "must be text"),
+        ("negative_prompt", lambda v: v is None or isinstance(v, str), "must be text or null"),
+        ("seed", lambda v: is_int(v) and 0 <= v < 2**64, "must be a whole number in [0, 2^64)"),
+        ("steps", lambda v: is_int(v) and 1 <= v <= MAX_STEPS, f"must be a whole number in [1, {MAX_STEPS}]"),
+        ("guidance", lambda v: is_num(v) and 0 <= v <= 100, "must be a number in [0, 100]"),
+        ("width", lambda v: is_int(v) and 1 <= v <= MAX_SIDE, f"must be a whole number of pixels in [1, {MAX_SIDE}]"),
+        ("height", lambda v: is_int(v) and 1 <= v <= MAX_SIDE, f"must be a whole number of pixels in [1, {MAX_SIDE}]"),
+        ("scheduler", lambda v: isinstance(v, str), "must be a scheduler name"),
+        ("base", lambda v: isinstance(v, dict), "must be an object"),
+        ("adapters", lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v), "must be a list of objects"),
+        ("strength", lambda v: v is None or (is_num(v) and 0 < v <= 1), "must be a number in (0, 1] or null"),
+        ("clip_skip", lambda v: is_int(v) and 1 <= v <= 24, "must be a whole number in [1, 24]"),
+        ("mode", lambda v: v in ("txt2img", "img2img", "inpaint"), "must be txt2img, img2img or inpaint"),
+        ("fused", lambda v: isinstance(v, bool), "must be true or false"),
+        ("scheduler_config", lambda v: isinstance(v, dict), "must be an object"),
+        ("init_image", lambda v: v is None or isinstance(v, dict), "must be an object or null"),
+        ("mask_image", lambda v: v is None or isinstance(v, dict), "must be an object or null"),
+    ]  # fmt: skip
+    for key, ok, rule in checks:
+        if key in data and not ok(data[key]):
+            bad(key, data[key], rule)
+    base = data.get("base") if isinstance(data.get("base"), dict) else {}
+    device, dtype = base.get("device"), base.get("dtype")
+    if device is not None and not (isinstance(device, str) and device.split(":")[0] in _DEVICE_TYPES):
+        bad("base.device", device, f"must be one of {', '.join(_DEVICE_TYPES)} (optionally :N)")
+    if dtype is not None and str(dtype).removeprefix("torch.") not in _DTYPE_NAMES:
+        bad("base.dtype", dtype, "must be float32, float16 or bfloat16")
+    for i, a in enumerate(data.get("adapters") or []):
+        if not isinstance(a, dict):
+            continue
+        te, blocks = a.get("text_encoder_scale"), a.get("blocks")
+        if (
+            not isinstance(a.get("name"), str)
+            or not (a.get("scale") is None or is_num(a.get("scale")))
+            or not (te is None or is_num(te))
+            or not (blocks is None or (isinstance(blocks, dict) and all(map(is_num, blocks.values()))))
+        ):
+            bad(f"adapters[{i}]", a.get("name"), "needs a text name and numeric scales")
+    if problems:
+        raise UsageError(
+            problems[0] if len(problems) == 1 else f"{len(problems)} problems", problems=problems
+        )
     return GenerationRecord.from_dict(data)
 
 
@@ -389,8 +519,8 @@ def _explicit_config(config) -> dict:
 
 def _validate(steps, guidance, num_images_per_prompt, strength, mask_image, init_image) -> None:
     problems = []
-    if int(steps) < 1:
-        problems.append(f"steps must be at least 1, --steps {steps}, use e.g. 25")
+    if not 1 <= int(steps) <= MAX_STEPS:
+        problems.append(f"steps must be between 1 and {MAX_STEPS}, --steps {steps}, use e.g. 25")
     if not math.isfinite(float(guidance)) or float(guidance) < 0:
         problems.append(f"guidance must be a finite number >= 0, --guidance {guidance}, use e.g. 7.5")
     if int(num_images_per_prompt) < 1:
@@ -601,20 +731,46 @@ def sweep_scales(
     return rows
 
 
+def _adapters_from_tags(rec: GenerationRecord, lora_dirs: Sequence[str | Path]) -> GenerationRecord:
+    """An A1111 record's ``<lora:...>`` tags -> adapter entries (found in ``lora_dirs``)."""
+    from loracraft.infer.formats import file_sha256
+    from loracraft.infer.prompts import extract_lora_tags, find_lora
+
+    prompt, tags = extract_lora_tags(rec.prompt)
+    negative = extract_lora_tags(rec.negative_prompt)[0] if rec.negative_prompt else None
+    adapters = []
+    for tag in tags:
+        path = find_lora(tag.name, lora_dirs)
+        adapters.append(
+            {"name": tag.name, "path": str(path), "scale": tag.unet, "sha256": file_sha256(path),
+             "text_encoder_scale": None if tag.text_encoder == tag.unet else tag.text_encoder}
+        )  # fmt: skip
+    return GenerationRecord.from_dict(
+        {**asdict(rec), "prompt": prompt, "negative_prompt": negative, "adapters": adapters}
+    )
+
+
 def regenerate(
     png: str | Path,
     *,
     base: str | Path | None = None,
     base_config: str | Path | None = None,
     allow_pickle: bool = False,
+    lora_dirs: Sequence[str | Path] = (),
 ) -> GeneratedImage:
-    """Rebuild the pipeline a loracraft PNG records and generate its image again.
+    """Rebuild the pipeline a loracraft (or A1111) PNG records and generate its image again.
+
+    An A1111 PNG gives the prompt, sampler, steps, CFG scale, seed, size and clip skip; its
+    base model must be passed (``base``) and its ``<lora:...>`` tags are found in ``lora_dirs``.
+    The image is then made with the same settings, not A1111's pixels (its noise comes from
+    another random generator).
 
     Args:
         png: a single image written by loracraft (not a grid).
         base: use this base location instead of the recorded one (e.g. the model moved).
         base_config: likewise for a single-file base's config folder.
         allow_pickle: permit pickle-based base/adapter files named by the record.
+        lora_dirs: folders holding the adapters an A1111 prompt's ``<lora:...>`` tags name.
 
     Raises:
         UsageError: no record; AdapterError: a recorded adapter is missing or has changed.
@@ -624,6 +780,8 @@ def regenerate(
     from loracraft.infer.models import load_base
 
     rec = read_record(png)
+    if rec.source == "a1111":
+        rec = _adapters_from_tags(rec, lora_dirs)
     b = dict(rec.base)
     if base is None and b.get("base") in (None, "unknown"):
         raise UsageError(f"PNG does not record its base model, {png}, pass --base")

@@ -39,6 +39,7 @@ __all__ = [
     "build_chunks",
     "apply_emphasis",
     "CHUNK_TOKENS",
+    "parse_infotext",
     "BREAK",
 ]
 
@@ -267,3 +268,51 @@ def apply_emphasis(z: torch.Tensor, weights: Sequence[float] | torch.Tensor) -> 
     before = z.mean()
     z = z * w.unsqueeze(-1).expand(z.shape)
     return z * (before / z.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# A1111 "parameters" text (infotext)
+# --------------------------------------------------------------------------------------------
+_INFO_FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _settings(line: str) -> dict[str, str] | None:
+    """``Key: value, Key: "quoted, value", ...`` -> dict, or None if the line is not one."""
+    fields, pos = {}, 0
+    while pos < len(line):
+        m = _INFO_FIELD.match(line, pos)
+        if not m or m.end() == pos:
+            return None
+        key, value = m.group(1).strip(), m.group(2).strip()
+        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+            value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        fields[key] = value
+        pos = m.end()
+    return fields if len(fields) >= 3 else None
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """Split A1111's ``parameters`` PNG text into (prompt, negative prompt, settings).
+
+    Layout: prompt line(s); optionally ``Negative prompt: ...`` (may span lines); last, one line
+    of at least three ``Key: value`` pairs (``Steps: 20, Sampler: Euler a, CFG scale: 7, Seed:
+    1, Size: 512x768, ...``; values holding commas are double-quoted).
+
+    >>> parse_infotext("a cat\\nNegative prompt: dog\\nSteps: 20, Sampler: Euler a, Seed: 1")
+    ('a cat', 'dog', {'Steps': '20', 'Sampler': 'Euler a', 'Seed': '1'})
+    """
+    lines = text.strip().split("\n")
+    settings = _settings(lines[-1].strip()) if lines else None
+    if settings is not None:
+        lines = lines[:-1]
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if not negative and line.startswith("Negative prompt:"):
+            negative.append(line.removeprefix("Negative prompt:").strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    return "\n".join(prompt), "\n".join(negative), settings or {}
