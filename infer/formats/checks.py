@@ -24,7 +24,8 @@ def _shape(t: torch.Tensor) -> str:
 
 def check_tensor(key: str, t: torch.Tensor, kind: str, where: str) -> None:
     """Refuse a tensor that cannot be the ``kind`` part (down/up/alpha/magnitude/dora_scale) of a LoRA."""
-    if not torch.is_floating_point(t):
+    integral_alpha = kind == "alpha" and t.dtype not in (torch.bool, torch.uint8) and not t.is_complex()
+    if not torch.is_floating_point(t) and not integral_alpha:
         raise AdapterError(
             f"tensor {key} has dtype {str(t.dtype).removeprefix('torch.')} where floats are expected, {where}, {_FIX}"
         )
@@ -43,7 +44,7 @@ def check_tensor(key: str, t: torch.Tensor, kind: str, where: str) -> None:
             )
     elif t.numel() == 0:
         raise AdapterError(f"tensor {key} is empty (shape {_shape(t)}), {where}, {_FIX}")
-    if not bool(torch.isfinite(t).all()):
+    if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
         raise AdapterError(f"tensor {key} holds NaN or Inf values, {where}, {_FIX}")
     if kind == "alpha" and float(t.reshape(-1)[0]) == 0.0:
         raise AdapterError(

@@ -210,7 +210,8 @@ def kohya_module_paths(
             )
         path = parsed[0]
         flat = name.split("_", 2)[-1]
-        renamed = bool(sgm) and name.startswith("lora_unet_")  # SGM names change, diffusers-layout ones do not
+        # SGM names change on the way, diffusers-layout ones are only re-dotted.
+        renamed = bool(sgm) and name.startswith("lora_unet_")
         if not renamed and path.replace(".", "_") != flat:
             # The public loader falls short here: diffusers' rules (_convert_unet_lora_key) do not know
             # every module name, e.g. SDXL's add_embedding becomes "add.embedding.linear" (lossy: it no
