@@ -193,7 +193,7 @@ TINY_SDXL_SHAPE = dict(
 )
 
 
-def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, layers_per_block: int = 2) -> Path:
     """Build a random-initialised SDXL-architecture pipeline in diffusers format.
 
     The layout follows ``stabilityai/stable-diffusion-xl-base-1.0`` in miniature (diffusers' own
@@ -203,7 +203,8 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     ``CLIPTextModel`` + ``CLIPTextModelWithProjection`` whose penultimate hidden states are
     concatenated (``cross_attention_dim`` = sum of both widths), the pooled projection plus six
     size/crop numbers feeding ``add_embedding``, an ``AutoencoderKL`` with SDXL's scaling factor
-    0.13025, and SDXL's ``EulerDiscreteScheduler`` settings.
+    0.13025, and SDXL's ``EulerDiscreteScheduler`` settings. ``layers_per_block=1`` gives an
+    SDXL-architecture UNet whose SGM block numbering differs from the real model's.
     """
     from diffusers import (
         DDPMScheduler,
@@ -221,7 +222,7 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
         in_channels=4,
         out_channels=4,
         block_out_channels=s["unet_channels"],
-        layers_per_block=2,
+        layers_per_block=layers_per_block,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
