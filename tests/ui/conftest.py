@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,17 +39,39 @@ def free_port():
     return _free_port
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+def wait_for_url(proc: subprocess.Popen, log: Path, timeout: float = 180) -> str:
+    """The address `loracraft ui` prints once it serves (``http://127.0.0.1:PORT/?token=...``)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"UI server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"UI server did not answer at {url} within {timeout}s:\n{log.read_text()[-3000:]}")
+        found = re.search(r"loracraft ui: open (http://\S+)", log.read_text())
+        if found:
+            with urllib.request.urlopen(found.group(1), timeout=30):
+                return found.group(1)
+        time.sleep(0.3)
+    raise AssertionError(f"UI server did not print its address within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@dataclass
+class UIServer:
+    """A running `loracraft ui`: ``url`` carries the per-launch token, ``base`` does not."""
+
+    url: str
+    runs_dir: Path
+    log: Path
+
+    @property
+    def base(self) -> str:
+        return self.url.split("?", 1)[0]
+
+    @property
+    def token(self) -> str:
+        return self.url.split("?token=", 1)[1]
+
+    @property
+    def port(self) -> int:
+        return int(self.base.rstrip("/").rsplit(":", 1)[1])
 
 
 def stop_training_processes(runs_dir: Path) -> None:
@@ -64,7 +88,7 @@ def stop_training_processes(runs_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
-    """`python -m loracraft.train.cli ui` on a free localhost port; yields (url, runs_dir)."""
+    """`python -m loracraft.train.cli ui` on a free localhost port; yields a :class:`UIServer`."""
     root = tmp_path_factory.mktemp("ui-server")
     runs_dir = root / "runs"
     port = _free_port()
@@ -93,10 +117,8 @@ def ui_server(tmp_path_factory):
             env=env,
             cwd=root,
         )
-    url = f"http://127.0.0.1:{port}/"
     try:
-        wait_http(url, proc, log)
-        yield url, runs_dir
+        yield UIServer(wait_for_url(proc, log), runs_dir, log)
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -143,8 +143,7 @@ class Page:
 
 @pytest.fixture(scope="module")
 def page(ui_server, browser, artifacts):
-    url, _ = ui_server
-    p = Page(browser, url, artifacts)
+    p = Page(browser, ui_server.url, artifacts)
     p.open()
     return p
 
@@ -163,6 +162,7 @@ def dataset(tmp_path_factory):
 
 
 def test_dataset_tab_checks_and_edits_captions(page, dataset):
+    assert "token" not in page.d.current_url  # the token link set the cookie, then left the address bar
     page.set("ds-folder", dataset)
     page.set("ds-resolution", 32)
     page.click("ds-check")
@@ -198,7 +198,7 @@ def test_dataset_tab_checks_and_edits_captions(page, dataset):
 
 
 def test_train_tab_start_stop_resume(page, ui_server, tiny_sd):
-    _, runs_dir = ui_server
+    runs_dir = ui_server.runs_dir
     page.set("train-name", RUN)
     page.set("train-base", tiny_sd)
     page.set("knob-steps", STEPS)
@@ -244,7 +244,7 @@ def test_train_tab_start_stop_resume(page, ui_server, tiny_sd):
 
 
 def test_runs_tab_lists_compares_and_reports(page, ui_server, cli_run):
-    _, runs_dir = ui_server
+    runs_dir = ui_server.runs_dir
     shutil.copytree(cli_run, runs_dir / "cli-quickstart")  # a second run to compare with (20 steps)
     page.tab("Runs")
     page.click("runs-refresh")
@@ -277,7 +277,7 @@ def test_generate_tab_two_scales_and_download(page, ui_server, tiny_sd):
 
     from loracraft.infer.generation import read_record
 
-    _, runs_dir = ui_server
+    runs_dir = ui_server.runs_dir
     page.tab("Runs")
     page.click("runs-to-generate")  # the run chosen above: the one trained in the Train tab
     page.wait(lambda: "Generate" in page.active_tab(), 30, "Generate tab")

@@ -3,10 +3,13 @@
 The UI is a thin layer over the same APIs and commands as the CLI (see
 :mod:`loracraft.train.ui.backend`); its layout lives in :mod:`loracraft.train.ui.app`.
 
-Security: by default it binds to 127.0.0.1 and needs no login. The UI can start processes and
-read and write files, so binding to any other address prints a warning and *requires*
-credentials, taken from the ``LORACRAFT_UI_AUTH`` environment variable (``user:password``) or
-from ``--auth-file FILE`` (one ``user:password`` per line) - never from the command line itself,
+Security: the UI can start processes and read and write files, so it answers only requests
+that name it as their ``Host`` (its loopback names, or ``--host`` and ``--allow-host``), come
+from no foreign ``Origin``, and carry its per-launch secret: the printed address has
+``?token=...``, as Jupyter's does (see :mod:`loracraft.train.ui.server`). By default it binds
+to 127.0.0.1. Binding to any other address prints a warning and *requires* a login instead,
+taken from the ``LORACRAFT_UI_AUTH`` environment variable (``user:password``) or from
+``--auth-file FILE`` (one ``user:password`` per line) - never from the command line itself,
 where ``ps`` and shell history would show them.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +34,7 @@ def register(subparsers) -> None:
         "ui",
         help="start the web UI (dataset check, training, runs, generation)",
         description="Start the loracraft web UI (needs the 'ui' extra: pip install 'loracraft[ui]'). "
+        "Open the printed address (it carries a per-launch ?token=). "
         f"Binding to a non-local --host requires a login from ${AUTH_ENV}=user:password or --auth-file.",
     )
     p.add_argument(
@@ -39,6 +44,14 @@ def register(subparsers) -> None:
     p.add_argument("--runs-dir", default="runs", help="folder of training runs (default ./runs)")
     p.add_argument(
         "--auth-file", metavar="FILE", help="file with one user:password per line (login for the UI)"
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME[:PORT]",
+        help="also accept requests addressed to this host name (a reverse proxy's or an SSH tunnel's, "
+        "e.g. localhost:8888); repeatable. Other Host headers get 403",
     )
     p.set_defaults(func=cmd_ui)
 
@@ -51,6 +64,19 @@ def is_local(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+HOST_VALUE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)(:[0-9]{1,5})?")
+
+
+def check_allowed_host(value: str) -> str:
+    """An ``--allow-host`` value as the ``Host`` header carries it: ``name`` or ``name:port``."""
+    text = value.strip().lower()
+    if not HOST_VALUE.fullmatch(text):
+        raise UsageError(
+            f"not a host name, --allow-host {value}, give NAME or NAME:PORT (e.g. localhost:8888)"
+        )
+    return text
 
 
 def _parse_credentials(text: str, where: str) -> list[tuple[str, str]]:
@@ -110,6 +136,7 @@ def _import_gradio():
 def cmd_ui(args: argparse.Namespace) -> int:
     if not (0 < args.port < 65536):
         raise UsageError(f"port must be 1-65535 (got {args.port}), --port, e.g. --port 7860")
+    allow_hosts = tuple(check_allowed_host(h) for h in args.allow_host)
     auth = resolve_auth(args.host, args.auth_file)
     if not is_local(args.host):
         print(
@@ -122,8 +149,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     _import_gradio()
     from loracraft.train.ui.app import launch
 
-    launch(runs_dir=args.runs_dir, host=args.host, port=args.port, auth=auth)
+    launch(
+        runs_dir=args.runs_dir,
+        host=args.host,
+        port=args.port,
+        auth=auth,
+        allow_hosts=allow_hosts,
+    )
     return 0
 
 
-__all__ = ["register", "cmd_ui", "resolve_auth", "is_local", "AUTH_ENV"]
+__all__ = ["register", "cmd_ui", "resolve_auth", "is_local", "check_allowed_host", "AUTH_ENV"]

@@ -1,4 +1,4 @@
-"""What the web UI does, without the web: recipes, run processes, run status, captions, generation.
+"""What the web UI does, without the web: recipes, run processes, run status, generation.
 
 Nothing here imports gradio, so every piece is testable on its own and the UI module stays a
 layout. Everything the UI *does* goes through the existing APIs and commands:
@@ -18,12 +18,9 @@ UI bookkeeping lives in ``RUNS_DIR/.ui/`` (hidden, so it is never listed as a ru
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,14 +32,13 @@ from typing import Any
 
 import yaml
 
-from loracraft.infer.errors import ConfigError, DataError, UsageError
+from loracraft.infer.errors import ConfigError, UsageError
 from loracraft.infer.io import write_json_atomic, write_text_atomic
 
 UI_DIR = ".ui"
 LOG_NAME = "train.log"
 CONFIG_NAME = "config.yaml"
 PROCESS_NAME = "process.json"
-BACKUP_DIR = ".loracraft-backup"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 #: The "main knobs" the Train tab shows as fields: dotted config key -> label.
@@ -590,124 +586,6 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> tuple[list[str], list[
     diff = config_diff(_effective(ma.get("config") or {}), _effective(mb.get("config") or {}))
     rows = [{"run": p.name, "step": r["step"], "loss": r["loss"]} for p in (a, b) for r in read_metrics(p)]
     return diff, rows
-
-
-# =============================================================================== captions
-def caption_source(root: str | Path, key: str) -> Path:
-    """The file that holds the caption of dataset item ``key`` (a path relative to ``root``)."""
-    from loracraft.train.data.check import METADATA_FILES
-
-    root = Path(root).expanduser()
-    for m in METADATA_FILES:
-        if (root / m).is_file():
-            return root / m
-    if (root / "dataset_info.json").is_file() or (root / "state.json").is_file() or not root.is_dir():
-        raise UsageError(
-            f"captions of saved or hub datasets cannot be edited here, {root}, edit the dataset with the "
-            "`datasets` library or export it as an image folder"
-        )
-    image = (root / key).resolve()
-    if not image.is_relative_to(root.resolve()):
-        raise UsageError(f"file {key!r} is outside the dataset, {root}, pick an image of this dataset")
-    return image.with_suffix(".txt")
-
-
-def _backup(root: Path, source: Path) -> Path | None:
-    """Copy ``source`` into ``ROOT/.loracraft-backup/<time>/`` (hidden: training and check-data skip it)."""
-    if not source.is_file():
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000_000:09d}"
-    dest = root / BACKUP_DIR / stamp / source.relative_to(root)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source, dest)
-    return dest
-
-
-def save_caption(
-    root: str | Path, key: str, caption: str, caption_column: str = "text"
-) -> tuple[Path, Path | None]:
-    """Write one item's caption back where training reads it; the old file is backed up first.
-
-    ``.txt`` sidecars are rewritten; in ``metadata.jsonl`` only the item's row changes (other
-    lines stay byte for byte); ``metadata.csv`` is rewritten with the same columns. Every write
-    is atomic. Returns ``(file written, backup or None)``.
-    """
-    root = Path(root).expanduser()
-    caption = caption.strip()
-    if "\n" in caption:
-        raise UsageError("a caption must be one line, caption editor, remove the line breaks")
-    source = caption_source(root, key)
-    if source.name == "metadata.jsonl":
-        new = _jsonl_with_caption(source, key, caption, caption_column)
-    elif source.name == "metadata.csv":
-        new = _csv_with_caption(source, key, caption, caption_column)
-    else:
-        new = caption + "\n"
-    backup = _backup(root, source)
-    write_text_atomic(source, new)
-    return source, backup
-
-
-def _same_file(file_name: str, key: str) -> bool:
-    return Path(str(file_name)).as_posix() == Path(key).as_posix()
-
-
-def _jsonl_with_caption(meta: Path, key: str, caption: str, column: str) -> str:
-    lines, hit = meta.read_text(encoding="utf-8-sig").splitlines(keepends=True), False
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"line {i + 1} of {meta.name} is not JSON, {meta}, fix it before editing captions"
-            ) from e
-        if isinstance(row, dict) and _same_file(row.get("file_name", ""), key):
-            row[column] = caption
-            lines[i] = json.dumps(row, ensure_ascii=False) + "\n"
-            hit = True
-    if not hit:
-        raise UsageError(f"{key} has no row in {meta.name}, {meta}, add a row for it first")
-    return "".join(lines)
-
-
-def _csv_with_caption(meta: Path, key: str, caption: str, column: str) -> str:
-    reader = csv.DictReader(io.StringIO(meta.read_text(encoding="utf-8-sig")))
-    fields = list(reader.fieldnames or [])
-    rows, hit = list(reader), False
-    if column not in fields:
-        fields.append(column)
-    for row in rows:
-        if _same_file(row.get("file_name", ""), key):
-            row[column] = caption
-            hit = True
-    if not hit:
-        raise UsageError(f"{key} has no row in {meta.name}, {meta}, add a row for it first")
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def thumbnail(path: Path, size: int = 160):
-    """A display copy of a dataset image: small ones scaled up with hard pixels, big ones down."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = size / max(w, h)
-        resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
-        return im.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
-
-
-def thumbnail_placeholder(size: int = 160):
-    from PIL import Image
-
-    return Image.new("RGB", (size, size), (210, 210, 210))
 
 
 # =============================================================================== generation

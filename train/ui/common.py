@@ -1,7 +1,7 @@
 """What every tab of ``loracraft ui`` shares: the server-side state, the error bridge, the styles.
 
 The tabs only lay out components and call :mod:`loracraft.train.ui.backend`; anything two tabs
-need (the run manager, the generator, the recipes) lives in one :class:`UIContext`
+need (the run manager, the generator, the opened datasets) lives in one :class:`UIContext`
 built by :func:`loracraft.train.ui.app.build_app`.
 """
 
@@ -16,6 +16,7 @@ import pandas as pd
 
 from loracraft.infer.errors import LoracraftError
 from loracraft.train.ui import backend as B
+from loracraft.train.ui.captions import OpenedDatasets
 
 #: Listeners that only serve the page: kept out of the API docs (generate and scale_sweep are the API).
 INTERNAL = {"api_visibility": "undocumented"}
@@ -39,6 +40,7 @@ class UIContext:
 
     runs: B.RunManager
     generator: B.Generator
+    datasets: OpenedDatasets = field(default_factory=OpenedDatasets)
     recipes: dict[str, Path] = field(default_factory=B.recipes)
 
     @classmethod

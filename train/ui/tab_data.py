@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from loracraft.infer.errors import UsageError
-from loracraft.train.ui import backend as B
+from loracraft.train.ui.captions import thumbnail_placeholder
 from loracraft.train.ui.common import INTERNAL, UIContext, frame, user_errors
 
 MAX_THUMBS = 120
@@ -48,14 +48,21 @@ def run_check(ctx: UIContext, folder: str, resolution, base: str):
         ],
         FINDING_COLUMNS,
     )
+    # the folder is opened now: from here on its items' captions may be edited, and only these
+    ctx.datasets.open(folder, [e.key for e in report.entries])
     items, thumbs = [], []
     for entry in report.entries:
         items.append({"key": entry.key, "caption": entry.caption or ""})
         if len(thumbs) < MAX_THUMBS and entry.path is not None and entry.path.is_file():
             try:
-                thumbs.append((B.thumbnail(entry.path), f"{entry.key}: {entry.caption or '(no caption)'}"))
+                thumbs.append(
+                    (
+                        ctx.datasets.thumbnail(folder, entry.key),
+                        f"{entry.key}: {entry.caption or '(no caption)'}",
+                    )
+                )
             except Exception:  # noqa: BLE001 - PIL raises many types; the findings table says why
-                thumbs.append((B.thumbnail_placeholder(), f"{entry.key}: (unreadable image)"))
+                thumbs.append((thumbnail_placeholder(), f"{entry.key}: (unreadable image)"))
     if len(report.entries) > MAX_THUMBS:
         summary += f"\n\nShowing the first {MAX_THUMBS} of {len(report.entries)} images."
     items = items[: len(thumbs)]
@@ -72,7 +79,7 @@ def select_item(items: list[dict], evt: gr.SelectData):
 def save(ctx: UIContext, folder: str, key: str, caption: str) -> str:
     if not key:
         raise UsageError("no image selected, caption editor, click an image in the grid first")
-    written, backup = B.save_caption(folder.strip(), key, caption)
+    written, backup = ctx.datasets.save_caption(folder, key, caption)
     where = f" (previous version kept in `{backup.relative_to(Path(folder).expanduser())}`)" if backup else ""
     return f"Saved the caption of **{key}** to `{written.name}`{where}."
 
