@@ -31,9 +31,15 @@ HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
 # ----------------------------------------------------------------------------- draws
+def keyed_normal(shape: tuple[int, ...], positions: list[int], seed: int, purpose: str) -> torch.Tensor:
+    """``[len(positions), *shape]`` standard normal draws, each sample's from its own
+    generator keyed by (seed, position, purpose)."""
+    return torch.stack([torch.randn(shape, generator=keyed_generator(seed, p, purpose)) for p in positions])
+
+
 def sample_noise(latent_shape: tuple[int, ...], positions: list[int], seed: int) -> torch.Tensor:
-    """Standard normal noise, one keyed generator per sample: ``[len(positions), *latent_shape]``."""
-    return torch.stack([torch.randn(latent_shape, generator=keyed_generator(seed, p, NOISE)) for p in positions])
+    """The diffusion noise: one keyed standard normal draw per sample."""
+    return keyed_normal(latent_shape, positions, seed, NOISE)
 
 
 def sample_timesteps(
@@ -100,7 +106,7 @@ def sample_noise_and_timesteps(
 
 def offset_draws(channels: int, positions: list[int], seed: int) -> torch.Tensor:
     """The noise offset's per-sample, per-channel normal draws, ``[B, C, 1, 1]``."""
-    return torch.stack([torch.randn((channels, 1, 1), generator=keyed_generator(seed, p, OFFSET)) for p in positions])
+    return keyed_normal((channels, 1, 1), positions, seed, OFFSET)
 
 
 def apply_noise_offset(
@@ -154,7 +160,7 @@ def pyramid_noise(
 
 def perturbation_draws(latent_shape: tuple[int, ...], positions: list[int], seed: int) -> torch.Tensor:
     """The input perturbation's per-sample normal draws (same shape as the noise)."""
-    return torch.stack([torch.randn(latent_shape, generator=keyed_generator(seed, p, PERTURBATION)) for p in positions])
+    return keyed_normal(latent_shape, positions, seed, PERTURBATION)
 
 
 def noise_latents(scheduler, latents: torch.Tensor, positions: list[int], cfg_train) -> tuple[torch.Tensor, ...]:
@@ -186,9 +192,7 @@ def noise_latents(scheduler, latents: torch.Tensor, positions: list[int], cfg_tr
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, positions: list[int], seed: int) -> torch.Tensor:
     """Sample the VAE posterior ``mean + std * eps`` with keyed eps (one generator per sample)."""
-    eps = torch.stack(
-        [torch.randn(mean.shape[1:], generator=keyed_generator(seed, p, "latent")) for p in positions]
-    )
+    eps = keyed_normal(tuple(mean.shape[1:]), positions, seed, "latent")
     return mean + std * eps.to(device=mean.device, dtype=mean.dtype)
 
 
@@ -382,7 +386,7 @@ def kohya_metadata(cfg) -> dict[str, str]:
 
 __all__ = [
     "apply_noise_offset", "debiased_estimation_weights", "diffusion_loss", "elementwise_loss", "huber_threshold",
-    "kohya_metadata",
+    "keyed_normal", "kohya_metadata",
     "loss_options", "loss_weights", "min_snr_weights", "noise_latents", "offset_draws", "perturbation_draws",
     "prior_preservation_loss", "pyramid_noise", "sample_latents", "sample_noise", "sample_noise_and_timesteps",
     "sample_timesteps", "training_target", "with_zero_terminal_snr",
