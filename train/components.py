@@ -88,9 +88,10 @@ def load_components(base: str, revision: str | None = None, variant: str | None 
         inference_scheduler = _pipeline_scheduler(base, kw)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        local = Path(base).expanduser().exists()
         raise ModelError(
-            f"cannot load the base model, {base}, check model.base/revision/variant "
-            f"(and network access for hub ids): {first}"
+            f"cannot load the base model, {base}, check model.base/revision/variant"
+            f"{'' if local else ' and your network access or HF_HUB_OFFLINE cache'}: {first}"
         ) from e
     for module in (text_encoder, text_encoder_2, vae, unet):
         if module is not None:

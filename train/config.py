@@ -9,6 +9,7 @@ file, and the fix (closest valid key suggested), and collects *all* problems at 
 from __future__ import annotations
 
 import difflib
+import os
 import reprlib
 import typing
 from pathlib import Path
@@ -768,11 +769,41 @@ def build_config(data: dict, overrides: list[str] | None = None, source: str = "
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe, apply dotted overrides, and fill `output.dir` from the file stem."""
+    """Read a YAML recipe, apply dotted overrides, fill `output.dir` from the file stem, and make
+    local paths absolute (so run.json, and `loracraft reproduce`, work from any folder)."""
     cfg = build_config(read_yaml(path), overrides, source=str(path))
     if cfg.output.dir is None:
         cfg.output.dir = str(Path("runs") / Path(path).stem)
+    return absolute_paths(cfg)
+
+
+def _absolute(value: str) -> str:
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Local paths -> absolute, as the user meant them from the current folder. ``model.base`` and
+    ``data.path`` stay as given when no such local path exists (hub ids, or an error later)."""
+    for section, key, only_if_exists in LOCAL_PATH_KEYS:
+        owner = getattr(cfg, section) if section != "dreambooth" else cfg.dreambooth
+        value = getattr(owner, key, None) if owner is not None else None
+        if not isinstance(value, str) or (only_if_exists and not Path(value).expanduser().exists()):
+            continue
+        if section == "checkpoint" and value in ("auto", "latest", "false", "true"):
+            continue
+        setattr(owner, key, _absolute(value))
     return cfg
+
+
+#: (section, key, only when it exists locally): the config values that name local files or folders.
+LOCAL_PATH_KEYS = (
+    ("model", "base", True),
+    ("data", "path", True),
+    ("dreambooth", "class_data", False),
+    ("train", "cache_dir", False),
+    ("output", "dir", False),
+    ("checkpoint", "resume", False),
+)
 
 
 def config_help() -> str:

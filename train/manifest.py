@@ -7,7 +7,9 @@ import re
 import subprocess
 from pathlib import Path
 
-SECRET_NAME = re.compile(r"(token|secret|password|passwd|api[_-]?key|auth)", re.IGNORECASE)
+# Keys that END in a credential word (hf_token, api_key): data.max_token_length is no secret, and
+# scrubbing it made run.json unusable for `loracraft reproduce`.
+SECRET_NAME = re.compile(r"(token|secret|password|passwd|api[_-]?key|auth)$", re.IGNORECASE)
 PACKAGES = ("loracraft", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors")
 
 

@@ -152,3 +152,24 @@ def test_reproduce_reports_mismatch_with_exit_3(baselines, tmp_path, cli):
     proc = cli("reproduce", copy)
     assert proc.returncode == 3 and "MISMATCH" in proc.stderr
     assert os.path.isdir(tmp_path / "copy-reproduce")
+
+
+def test_reproduce_from_another_folder_of_a_run_given_relative_paths(tiny_sd, tmp_path, cli):
+    """run.json stores local paths absolute: `reproduce` works wherever it is started."""
+    from loracraft.infer.testing import write_captioned_dataset
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_captioned_dataset(project / "data", n=2, px=32, seed=3)
+    base = os.path.relpath(tiny_sd, project)
+    (project / "c.yaml").write_text(
+        f"model: {{base: {base}}}\ndata: {{path: data, resolution: 32}}\nlora: {{rank: 2, alpha: 2}}\n"
+        "train: {max_steps: 2, batch_size: 1}\noutput: {dir: runs/r, report_to: [], report: false}\n"
+    )
+    proc = cli("train", "c.yaml", cwd=project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((project / "runs/r/run.json").read_text())["config"]
+    assert config["data"]["path"] == str(project / "data") and config["model"]["base"] == str(Path(tiny_sd))
+    proc = cli("reproduce", os.path.relpath(project / "runs/r", elsewhere), cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("MATCH") and (project / "runs/r-reproduce/run.json").is_file()

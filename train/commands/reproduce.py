@@ -35,8 +35,8 @@ def reproduce(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     out = Path(out_dir) if out_dir else run_dir.with_name(run_dir.name + "-reproduce")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"reproduction folder exists, {out}, remove it or pass --out NEW_DIR")
-    cfg_data = old["config"]
-    cfg_data["output"]["dir"] = str(out)
+    cfg_data = _with_legacy_paths(old["config"], run_dir)
+    cfg_data["output"]["dir"] = str(out.resolve())
     cfg_data["checkpoint"]["resume"] = False
     run_training(build_config(cfg_data, source=str(manifest_path)))
     new = json.loads((out / "run.json").read_text(encoding="utf-8"))
@@ -53,6 +53,19 @@ def reproduce(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         [f"MISMATCH: weights {new['weights_sha256'][:16]} != original {old['weights_sha256'][:16]}, {out}"]
         + [f"  differs: {line}" for line in diff],
     )
+
+
+def _with_legacy_paths(cfg: dict, run_dir: Path) -> dict:
+    """Runs recorded before paths were stored absolute hold them relative to the folder training
+    was started from, usually the one holding ``runs/NAME``: try that when the current folder
+    has no such path (never for hub ids, which do not exist locally either way)."""
+    start = run_dir.resolve().parent.parent
+    for section, key in (("model", "base"), ("data", "path")):
+        value = (cfg.get(section) or {}).get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists():
+            if (start / value).exists():
+                cfg[section][key] = str(start / value)
+    return cfg
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
