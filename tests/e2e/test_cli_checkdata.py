@@ -94,7 +94,7 @@ def test_check_data_takes_captionless_dreambooth_instance_images_with_instance_p
 @pytest.mark.parametrize(
     "args, code, needles",
     [
-        (["check-data", "{tmp}/no-such-dir"], 1, ["dataset folder not found", "no-such-dir"]),
+        (["check-data", "{tmp}/no-such-dir"], 2, ["dataset folder not found", "no-such-dir"]),
         (["check-data", "{data}", "--base", "{tmp}"], 2, ["cannot load the tokenizer", "--base"]),
         (["check-data", "{data}", "--resolution", "0"], 2, ["--resolution must be positive"]),
     ],
@@ -277,5 +277,5 @@ def test_allow_outside_links_reads_them(capsys, tmp_path):
     before = tree_hashes(tmp_path)
     code, out, err = run_main(capsys, "check-data", root, "--allow-outside-links")
     assert code == 0 and error_lines(err) == [] and "outside-link" not in out
-    assert "note: 1 image/caption file(s) outside the dataset folder are read (data.allow_outside_links)" in out
+    assert "note: 1 file(s) outside the dataset folder are read (data.allow_outside_links)" in out
     assert tree_hashes(tmp_path) == before

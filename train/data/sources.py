@@ -20,18 +20,23 @@ Nothing here imports torch: checking a folder does not need it.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps
-
 from loracraft.infer.errors import DataError, DataNotFound
+from loracraft.train.data.findings import (  # noqa: F401 (re-exported: the readers' vocabulary)
+    CAPTION_PROBLEMS,
+    OUTSIDE_PROBLEMS,
+    PROBLEMS,
+    Finding,
+    one_line,
+    printable,
+)
+from loracraft.train.data.images import CaptionedImages, item_bytes, to_rgb  # noqa: F401 (re-exported)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 #: Sidecar caption extensions, in the order they are looked for (kohya's default is ``.caption``).
@@ -53,91 +58,6 @@ UNSUPPORTED_IMAGE_EXTS = {
     ".dng",
     ".arw",
 }
-
-#: Every problem class: id -> (severity, one-line description). The order is the report order.
-PROBLEMS: dict[str, tuple[str, str]] = {
-    "no-images": ("error", "the dataset holds no trainable images"),
-    "bad-metadata": ("error", "metadata.jsonl/csv cannot be read"),
-    "missing-column": ("error", "the caption column does not exist"),
-    "outside-link": ("error", "image or caption is a link to a file outside the dataset folder"),
-    "outside-path": ("error", "metadata file_name points outside the dataset folder"),
-    "empty-file": ("error", "zero-byte image file"),
-    "unreadable-image": ("error", "not an image PIL can open"),
-    "corrupt-image": ("error", "image data is damaged"),
-    "truncated-image": ("error", "image file is cut short"),
-    "missing-file": ("error", "metadata row names a file that does not exist"),
-    "missing-caption": ("error", "image has no caption"),
-    "caption-not-text": ("error", "caption is a number, list or object, not text"),
-    "caption-not-utf8": ("error", "caption file is not UTF-8"),
-    "incomplete-file": ("warning", "file ends early but every pixel decodes"),
-    "cmyk-image": ("warning", "CMYK image, converted to RGB"),
-    "16-bit-image": ("warning", "16/32-bit image, scaled to 8 bits"),
-    "palette-transparency": ("warning", "palette image with transparency, composited on white"),
-    "alpha-channel": ("warning", "image with alpha, composited on white"),
-    "unusual-mode": ("warning", "uncommon image mode, converted to RGB"),
-    "too-small": ("warning", "smaller than the training resolution, upscaled"),
-    "extreme-aspect": ("warning", "extreme aspect ratio, most of it cropped away"),
-    "exif-orientation": ("warning", "EXIF orientation tag, applied when training"),
-    "empty-caption": ("warning", "caption is empty (trains unconditionally)"),
-    "caption-too-long": ("warning", "caption exceeds the text encoder's token limit"),
-    "caption-bom": ("warning", "caption starts with a byte-order mark"),
-    "duplicate-image": ("warning", "same bytes as another image"),
-    "case-collision": ("warning", "file name differs from another only in case"),
-    "no-metadata-row": ("warning", "image has no metadata row, not trained on"),
-    "orphan-caption": ("warning", "caption file with no image"),
-    "ignored-file": ("warning", "image training does not read"),
-}
-#: Findings about captions; irrelevant when the caption comes from elsewhere (DreamBooth's instance prompt).
-CAPTION_PROBLEMS = (
-    "missing-caption",
-    "caption-not-text",
-    "caption-not-utf8",
-    "empty-caption",
-    "caption-too-long",
-    "caption-bom",
-)
-#: What ``data.allow_outside_links`` allows.
-OUTSIDE_PROBLEMS = ("outside-link", "outside-path")
-
-
-def printable(text: object) -> str:
-    """``text`` with newlines and other control characters escaped the way ``repr`` writes them,
-    so a file called ``a\\nb.png`` still makes one line of output."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem with one file. ``file`` is relative to the dataset root (``row N`` for
-    datasets without files; the metadata file's name or ``.`` for dataset-level problems);
-    it is kept as is (the key training skips by), and escaped wherever it is shown."""
-
-    file: str
-    problem: str
-    what: str
-    fix: str
-
-    def __post_init__(self):
-        object.__setattr__(self, "what", printable(self.what))
-        object.__setattr__(self, "fix", printable(self.fix))
-
-    @property
-    def severity(self) -> str:
-        return PROBLEMS[self.problem][0]
-
-    @property
-    def shown_file(self) -> str:
-        return printable(self.file)
-
-    @property
-    def message(self) -> str:
-        return f"{self.what}; {self.fix}"
-
-    def line(self) -> str:
-        return f"{self.severity:<7}  {self.shown_file}: {self.message} [{self.problem}]"
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "severity": self.severity, "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -169,113 +89,7 @@ class Source:
     image_column: str = "image"
 
 
-# ----------------------------------------------------------------------------- the training view
-class CaptionedImages:
-    """A uniform view over items of any layout: ``len``, ``image(i)``, ``caption(i)``, ``image_bytes(i)``."""
-
-    def __init__(
-        self, items: list[Item], layout: str, root: str, hf_dataset=None, image_column: str = "image"
-    ):
-        self.items = items
-        self.layout = layout
-        self.root = root
-        self._hf = hf_dataset
-        self._image_column = image_column
-        self._sizes: dict[int, tuple[int, int]] = {}
-        self._hashes: dict[int, str] = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def image_bytes(self, i: int) -> bytes:
-        return item_bytes(self.items[i], self._hf, self._image_column)
-
-    def _where(self, i: int) -> str:
-        item = self.items[i]
-        return printable(item.path) if item.path is not None else f"{self.root} row {item.row}"
-
-    def image(self, i: int) -> Image.Image:
-        """Decoded RGB image with its EXIF orientation applied (phones store rotated pixels)."""
-        item = self.items[i]
-        try:
-            src = item.path if item.path is not None else io.BytesIO(self.image_bytes(i))
-            with Image.open(src) as im:
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
-        except Exception as e:  # PIL raises many types for broken files
-            raise DataError(f"cannot decode image, {self._where(i)}, remove or re-save the file ({e})") from e
-
-    def caption(self, i: int) -> str:
-        return self.items[i].caption or ""
-
-    def size(self, i: int) -> tuple[int, int]:
-        """(width, height) as trained, i.e. after EXIF rotation, from the header only (memoised:
-        SDXL's size conditioning asks for it on every sample)."""
-        if i not in self._sizes:
-            self._sizes[i] = self._read_size(i)
-        return self._sizes[i]
-
-    def _read_size(self, i: int) -> tuple[int, int]:
-        item = self.items[i]
-        src = item.path if item.path is not None else io.BytesIO(self.image_bytes(i))
-        try:
-            with Image.open(src) as im:
-                w, h = im.size
-                orientation = im.getexif().get(0x0112, 1)
-        except Exception as e:
-            raise DataError(
-                f"cannot read image header, {self._where(i)}, remove or re-save the file ({e})"
-            ) from e
-        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-    def item_hash(self, i: int) -> str:
-        """sha256 of the image bytes (memoised: used by the fingerprint and the cache keys)."""
-        if i not in self._hashes:
-            self._hashes[i] = hashlib.sha256(self.image_bytes(i)).hexdigest()
-        return self._hashes[i]
-
-    def repeats(self) -> list[int]:
-        return [it.repeats for it in self.items]
-
-    def fingerprint(self) -> str:
-        """sha256 over (image bytes hash, caption, repeats) in sorted order: the dataset's identity."""
-        entries = sorted(f"{self.item_hash(i)}|{it.repeats}|{it.caption}" for i, it in enumerate(self.items))
-        return hashlib.sha256("\n".join(entries).encode()).hexdigest()
-
-
-def item_bytes(item: Item, hf=None, image_column: str = "image") -> bytes:
-    """The encoded image of one item: its file, or its ``datasets`` cell (bytes, path or PIL image)."""
-    if item.path is not None:
-        return item.path.read_bytes()
-    cell = hf[item.row][image_column]
-    if isinstance(cell, dict) and cell.get("bytes") is not None:
-        return cell["bytes"]
-    if isinstance(cell, dict) and cell.get("path"):
-        return Path(cell["path"]).read_bytes()
-    buf = io.BytesIO()
-    cell.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any mode to RGB; transparency is composited on white, not on black garbage."""
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, im).convert("RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        arr = (arr / max(arr.max(), 1.0) * 255.0).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
-    return im.convert("RGB")
-
-
 # ----------------------------------------------------------------------------- shared rules
-def one_line(text: object, limit: int = 60) -> str:
-    text = " ".join(printable(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS
 
@@ -408,27 +222,41 @@ def _read_sidecars(root: Path, files: list[Path], allow_outside: bool) -> Source
                 problems = caption_problems(None, f"add {sidecars[0].name} beside it{hint}")
             src.findings += [Finding(key, *p) for p in problems]
             src.items.append(Item(caption, img, repeats=repeats, key=key))
-    if outside and allow_outside:
-        src.notes.append(
-            f"{outside} image/caption file(s) outside the dataset folder are read (data.allow_outside_links)"
-        )
+    _outside_note(src, outside if allow_outside else 0)
     where = "outside the N_name repeat folders" if repeat_dirs else f"not directly in {root.name}/"
+    ignored = (
+        "ignored-file",
+        f"image {where}: training does not read it",
+        "move it beside the other images, or delete it",
+    )
+    src.findings += _unread_files(root, files, used, ignored, caption_dirs={f for f, _ in folders})
+    return src
+
+
+def _outside_note(src: Source, read: int) -> None:
+    if read:
+        src.notes.append(f"{read} file(s) outside the dataset folder are read (data.allow_outside_links)")
+
+
+def _unread_files(
+    root: Path,
+    files: list[Path],
+    used: set[Path],
+    image: tuple[str, str, str],
+    caption_dirs: set[Path] = frozenset(),
+) -> list[Finding]:
+    """Findings for the files below ``root`` that training does not read: images (``image`` =
+    problem, what, fix), unsupported image formats, and captions without an image."""
+    found = []
     for p in files:
         if p in used or p.parent == root and p.name in METADATA_FILES:
             continue
         if is_image(p):
-            src.findings.append(
-                Finding(
-                    rel(p, root),
-                    "ignored-file",
-                    f"image {where}: training does not read it",
-                    "move it beside the other images, or delete it",
-                )
-            )
+            found.append(Finding(rel(p, root), *image))
         elif p.suffix.lower() in UNSUPPORTED_IMAGE_EXTS:
-            src.findings.append(_unsupported(p, root))
-        elif p.suffix.lower() in CAPTION_EXTS and any(p.parent == f for f, _ in folders):
-            src.findings.append(
+            found.append(_unsupported(p, root))
+        elif p.suffix.lower() in CAPTION_EXTS and p.parent in caption_dirs:
+            found.append(
                 Finding(
                     rel(p, root),
                     "orphan-caption",
@@ -436,7 +264,7 @@ def _read_sidecars(root: Path, files: list[Path], allow_outside: bool) -> Source
                     "add the image, fix the name, or delete the caption",
                 )
             )
-    return src
+    return found
 
 
 def _unsupported(p: Path, root: Path) -> Finding:
@@ -602,22 +430,13 @@ def _read_imagefolder(root: Path, files: list[Path], caption_column: str, allow_
             continue
         missing_fix = f"add a '{caption_column}' value to its row (line {line} of {meta.name})"
         src.findings += [Finding(key, *p) for p in caption_problems(caption, missing_fix)]
-    if outside and allow_outside:
-        src.notes.append(f"{outside} image(s) outside the dataset folder are read (data.allow_outside_links)")
-    for p in files:
-        if p in referenced or p.parent == root and p.name in METADATA_FILES:
-            continue
-        if is_image(p):
-            src.findings.append(
-                Finding(
-                    rel(p, root),
-                    "no-metadata-row",
-                    f"image has no row in {meta.name}: training does not read it",
-                    f"add a row for it to {meta.name}, or delete it",
-                )
-            )
-        elif p.suffix.lower() in UNSUPPORTED_IMAGE_EXTS:
-            src.findings.append(_unsupported(p, root))
+    _outside_note(src, outside if allow_outside else 0)
+    no_row = (
+        "no-metadata-row",
+        f"image has no row in {meta.name}: training does not read it",
+        f"add a row for it to {meta.name}, or delete it",
+    )
+    src.findings += _unread_files(root, files, referenced, no_row)
     return src
 
 
