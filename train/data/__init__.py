@@ -1,10 +1,11 @@
 """Captioned image datasets: :mod:`.sources` (one reader per layout -> items and findings),
-:mod:`.stream` (keyed sampling, buckets, transforms, batches), :mod:`.check` (the lint rules
+:mod:`.findings` (the problem classes), :mod:`.images` (the decoded training view),
+:mod:`.stream` (keyed sampling, buckets, transforms, batches) and :mod:`.check` (the lint rules
 behind ``loracraft check-data``).
 
 This package re-exports the public names of ``sources`` and ``stream`` on first use, so
-``from loracraft.train.data import X`` keeps working; ``sources`` and ``check`` never import
-torch, and neither does importing this package.
+``from loracraft.train.data import X`` keeps working; only ``stream`` imports torch, so
+checking a folder (``sources``, ``check``) starts without it.
 """
 
 from __future__ import annotations
