@@ -236,7 +236,7 @@ def test_read_record_refuses_foreign_pngs_and_grids(pipe, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(UsageError) as e:
         read_record(tmp_path / "plain.png")
-    assert "no loracraft record" in one_line(e)
+    assert "no generation record" in one_line(e)
     imgs = generate(pipe, PROMPT, seed=0, steps=STEPS, num_images_per_prompt=2)
     grid = save_grid(imgs, 1, 2, tmp_path / "grid.png", cells=["a.png", "b.png"])
     assert Image.open(grid).size == (64, 32)
