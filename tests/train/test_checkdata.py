@@ -436,3 +436,23 @@ def test_training_refuses_links_out_unless_allowed(tiny_sd, tmp_path):
     allowed = setup_data("data.allow_outside_links=true")
     assert [(it.key, it.caption) for it in allowed.items][-1] == ("hostname.png", "secret-host-name")
     assert tree_hashes(tmp_path) == before
+
+
+def test_saved_dataset_with_number_captions(tmp_path):
+    from datasets import Dataset, Features, Image, Value
+
+    good = (write_messy_dataset(tmp_path / "src") / "good_1.png").read_bytes()
+    ds = Dataset.from_dict(
+        {"image": [{"bytes": good, "path": None}] * 2, "text": [12345, None]},
+        features=Features({"image": Image(), "text": Value("int64")}),
+    )
+    ds.save_to_disk(str(tmp_path / "saved"))
+    rep = check_dataset(tmp_path / "saved", progress=False)
+    assert rep.by_file() == {
+        "row 0": [("caption-not-text", E)],
+        "row 1": [("missing-caption", E), ("duplicate-image", W)],
+    }
+    (line,) = [f.line() for f in rep.findings if f.file == "row 0"]
+    assert line == (
+        "error    row 0: its 'text' is a number (12345), not text; store the 'text' column as strings [caption-not-text]"
+    )
