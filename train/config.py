@@ -95,8 +95,8 @@ class DataCfg(_Section):
     bucket_step: int = Field(64, gt=0, description="bucket sides are multiples of this (pixels)")
     on_error: Literal["fail", "skip"] = Field(
         "fail",
-        description="images with errors (unreadable/corrupt/truncated/empty files, missing or non-UTF-8 "
-        "captions, metadata rows without a file): fail = stop before loading weights, listing them all; "
+        description="images with errors (unreadable/corrupt/truncated/empty files, missing, non-text or non-UTF-8 "
+        "captions, metadata rows without a file, links out of the folder): fail = stop before loading weights, listing them all; "
         "skip = train without them, with a warning and a count",
     )
     allow_outside_links: bool = Field(
