@@ -17,6 +17,7 @@ import pandas as pd
 from loracraft.infer.errors import LoracraftError
 from loracraft.train.ui import backend as B
 from loracraft.train.ui.captions import OpenedDatasets
+from loracraft.train.ui.generator import Generator
 
 #: Listeners that only serve the page: kept out of the API docs (generate and scale_sweep are the API).
 INTERNAL = {"api_visibility": "undocumented"}
@@ -39,14 +40,14 @@ class UIContext:
     """The server-side state every session of one launched UI shares."""
 
     runs: B.RunManager
-    generator: B.Generator
+    generator: Generator
     datasets: OpenedDatasets = field(default_factory=OpenedDatasets)
     recipes: dict[str, Path] = field(default_factory=B.recipes)
 
     @classmethod
     def for_runs_dir(cls, runs_dir: str | Path) -> UIContext:
         runs = B.RunManager(runs_dir)
-        return cls(runs=runs, generator=B.Generator(runs.runs_dir / B.UI_DIR / "generated"))
+        return cls(runs=runs, generator=Generator(runs.runs_dir / B.UI_DIR / "generated"))
 
 
 def message(e: LoracraftError) -> str:
