@@ -67,10 +67,10 @@ class AdapterShape:
     type: str  # lora | loha | lokr
     rank: int
     alpha: float
-    unet_config: dict | None = None  # LoraConfig.to_dict() (LoRA only)
+    lora_config: dict | None = None  # LoraConfig.to_dict() of the UNet adapter (LoRA only)
     text_encoder_config: dict | None = None
     text_encoder_2_config: dict | None = None
-    dora: bool = False
+    unet_config: dict | None = None  # the base UNet's config: its block layout numbers kohya's SDXL names
 
 
 def run_name(run_dir: Path) -> str:
@@ -98,12 +98,11 @@ def write_adapter(
         lycoris = main_file(folder, shape.type, ema)
         return [save_lycoris(lycoris, states.unet, shape.type, shape.rank, shape.alpha, metadata)]
     diffusers = save_diffusers_lora(
-        main_file(folder, shape.type, ema), states.unet, shape.unet_config, metadata,
+        main_file(folder, shape.type, ema), states.unet, shape.lora_config, metadata,
         text_encoder_state=states.text_encoder, text_encoder_lora_config=shape.text_encoder_config,
         text_encoder_2_state=states.text_encoder_2, text_encoder_2_lora_config=shape.text_encoder_2_config,
+        unet_config=shape.unet_config,
     )
-    if shape.dora:  # DoRA's magnitude vectors have no kohya form; the diffusers file is the adapter
-        return [diffusers]
     # Read back from the file just written: the kohya file holds exactly what diffusers loads.
     return [diffusers, convert_lora_file(diffusers, folder / single_file_name(name, step, ema), to="kohya")]
 

@@ -22,7 +22,7 @@ from loracraft.infer.formats import tensors_sha256
 from loracraft.infer.io import write_text_atomic
 from loracraft.train import checkpoint as ckpt
 from loracraft.train import export, run_dir
-from loracraft.train.cache import build_caches, cache_plan, default_cache_dir
+from loracraft.train.cache import CachePlan, build_caches, cache_plan, default_cache_dir
 from loracraft.train.components import (
     Components,
     check_base,
@@ -66,6 +66,7 @@ from loracraft.train.preserve import (
     preserved_rows,
     select_rows,
 )
+from loracraft.train.threads import thread_policy
 
 LOG_EVERY = 10  # host syncs for logging happen only this often
 
@@ -85,7 +86,7 @@ class NonFiniteLoss(LoracraftError):
 def validate_before_load(cfg: Config) -> None:
     """Every check that needs no weights, all problems reported together (litgpt style)."""
     problems = []
-    for check in (lambda: check_base(cfg.model.base), lambda: _check_precision(cfg)):
+    for check in (lambda: check_base(cfg.model.base, cfg.model.config, cfg.model.allow_pickle), lambda: _check_precision(cfg)):
         try:
             check()
         except LoracraftError as e:
@@ -147,10 +148,10 @@ class LoraTrainer:
         self.c = self._setup_models()
         check_rank(self.c, self.cfg.lora, self.cfg.model.base)  # before the adapter allocates
         self.planner = self._setup_planner()
-        self.sources = self._setup_cache()
-        self.class_examples = self._setup_class_examples()  # DreamBooth prior preservation, else None
+        self.sources, plan = self._setup_cache(self.planner, self.sizes)
+        self.class_examples, class_plan = self._setup_class_examples()  # DreamBooth prior preservation
         self.loss_fn = self.dreambooth.loss if self.class_examples is not None else diffusion_loss
-        self._release_cached_encoders()
+        self._release_cached_encoders([plan] if class_plan is None else [plan, class_plan])
         self.lora_config = inject_lora(self.c.unet, self.cfg.lora)
         self.te_lora_config = inject_text_encoder_lora(self.c.text_encoder, self.cfg.lora)
         self.te2_lora_config = inject_text_encoder_lora(self.c.text_encoder_2, self.cfg.lora)  # SDXL only
@@ -266,7 +267,7 @@ class LoraTrainer:
 
     def _setup_models(self) -> Components:
         m = self.cfg.model
-        c = load_components(m.base, m.revision, m.variant)
+        c = load_components(m.base, m.revision, m.variant, m.config, m.allow_pickle)
         if m.prediction_type:
             c.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
         if self.cfg.train.zero_terminal_snr:
@@ -352,9 +353,9 @@ class LoraTrainer:
             self.lr_scheduler,
             rank=self.accelerator.process_index,
             scaler=self.accelerator.scaler,
-            ema=self.ema.shadow if self.ema else None,
+            ema=self.ema.shadow if self.ema is not None else None,
         )
-        if self.ema and not state["ema_restored"]:
+        if self.ema is not None and not state["ema_restored"]:
             self._print("EMA not in the checkpoint (train.ema_decay was just enabled): starting it at the resumed weights")
             self.ema.reset(self.trainables)
         self._print(f"resuming from {self.resume_from} (step {state['step']})")
@@ -375,30 +376,32 @@ class LoraTrainer:
             stream = SampleStream(self.images.repeats(), t.seed)
         return Planner(self.images, stream, d, t.seed, targets)
 
-    def _setup_cache(self, planner: Planner | None = None, sizes: list[tuple[int, int]] | None = None) -> dict:
-        """Latent / text-embedding lookups from the on-disk cache (main process builds, others wait).
-        Default: the training images; DreamBooth passes its class images."""
-        planner, sizes = planner or self.planner, sizes or self.sizes
+    def _setup_cache(self, planner: Planner, sizes: list[tuple[int, int]]) -> tuple[dict, CachePlan]:
+        """Latent / text-embedding lookups from the on-disk cache (main process builds, others wait),
+        and the plan that says what is cached. The training images; DreamBooth's class images too.
+        Time spent adds up in ``timings["cache_s"]`` (wall) and ``timings["cache_cpu_s"]``."""
         plan = cache_plan(self.cfg, sizes, planner.targets)
-        self._cache_plans = [*getattr(self, "_cache_plans", []), plan]
         for note in plan.notes:
             self._print(note)
         if not (plan.latents or plan.text):
-            return {}
+            return {}, plan
         acc = self.accelerator
+        wall, cpu = time.perf_counter(), time.process_time()
         sources = build_caches(
             plan, planner, self.c, self._encode_text, acc.device,
             build=acc.is_main_process, show_progress=acc.is_main_process,
         )
         acc.wait_for_everyone()
-        return sources
+        self.timings["cache_s"] = self.timings.get("cache_s", 0.0) + time.perf_counter() - wall
+        self.timings["cache_cpu_s"] = self.timings.get("cache_cpu_s", 0.0) + time.process_time() - cpu
+        return sources, plan
 
-    def _setup_class_examples(self) -> TrainingExamples | None:
+    def _setup_class_examples(self) -> tuple[TrainingExamples | None, CachePlan | None]:
         """DreamBooth prior preservation: the class images (generated with the base model, so before
         the LoRA exists; main process first, the others then list the same files) and their samples,
-        cached like the training images."""
+        cached like the training images; (None, None) otherwise."""
         if not (self.dreambooth and self.dreambooth.prior):
-            return None
+            return None, None
         acc, t = self.accelerator, self.cfg.train
         root = Path(t.cache_dir) if t.cache_dir else default_cache_dir()
         with acc.main_process_first():
@@ -406,16 +409,16 @@ class LoraTrainer:
                 self.c, self.weight_dtype, self._fingerprint_base(), root, build=acc.is_main_process
             )
         planner = self.dreambooth.class_planner(t.seed)
-        return TrainingExamples(planner, **self._setup_cache(planner, [images.size(i) for i in range(len(images))]))
+        sources, plan = self._setup_cache(planner, [images.size(i) for i in range(len(images))])
+        return TrainingExamples(planner, **sources), plan
 
-    def _release_cached_encoders(self) -> None:
+    def _release_cached_encoders(self, plans: list[CachePlan]) -> None:
         """Free the weights the cache made dead: the VAE encoder once every latent is cached, and
         the VAE decoder and text encoder too when no validation images need them (kohya moves
         cached encoders off the GPU for the same reason). Moved to the meta device rather than
         deleted, so an accidental use fails loudly instead of silently computing garbage.
         Every image set's plan counts (DreamBooth's class images have their own)."""
         c, validating = self.c, bool(self.cfg.validation.prompts)
-        plans = self._cache_plans
         latents, text = all(p.latents for p in plans), all(p.text for p in plans)
         dead = []
         # StableDiffusionXLPipeline moves latents to the VAE's device, which diffusers reads from its
@@ -573,10 +576,10 @@ class LoraTrainer:
         bar = tqdm(
             total=t.max_steps, initial=self.step, disable=not self.accelerator.is_main_process, desc="train"
         )
+        pace = thread_policy(t.threads, self.accelerator.device, self._print)
         try:  # the bar is closed before any error is printed, so the error starts its own line
             while self.step < t.max_steps:
-                loss = self._optimizer_step()
-                self.step += 1
+                loss = pace.timed(self.optimizer_step)  # train.threads=auto times each step
                 bar.update(1)
                 self._record(loss, bar)
                 if self.step % self.cfg.checkpoint.every == 0 or self._signal is not None:
@@ -589,38 +592,47 @@ class LoraTrainer:
             bar.close()
         self._flush_logs()
 
-    def _optimizer_step(self) -> torch.Tensor:
-        """``grad_accum`` micro-batches, then one clipped optimizer + LR-scheduler step."""
+    def optimizer_step(self) -> torch.Tensor:
+        """One training step: ``grad_accum`` micro-batches, then clip + optimizer + LR scheduler (+ EMA).
+
+        Returns the loss averaged over micro-batches and processes. Whether it is finite is decided
+        from that reduced value, so every rank takes the same branch: all update, or (train.on_nan)
+        all skip the update or all stop. The step counter advances either way: a skipped batch is
+        consumed, and the data position is keyed by the step.
+        """
         acc, t = self.accelerator, self.cfg.train
         total = torch.zeros((), device=acc.device)
         for _ in range(t.grad_accum):
-            batch = next(self.batches)
-            with acc.accumulate(*[m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]):
-                total += self.train_step(batch)
-        loss = total / t.grad_accum
-        if not bool(torch.isfinite(acc.reduce(loss, reduction="sum"))):
-            self._handle_non_finite(loss)
-        elif t.max_grad_norm:
-            acc.clip_grad_norm_(list(self.trainables.values()), t.max_grad_norm)
+            with acc.accumulate(*self._trained_models()):
+                total += self.train_step(next(self.batches))
+        loss = acc.reduce(total / t.grad_accum, reduction="mean")
+        self.step += 1
         if bool(torch.isfinite(loss)):
+            if t.max_grad_norm:
+                acc.clip_grad_norm_(list(self.trainables.values()), t.max_grad_norm)
             self.optimizer.step()
-        if self.ema:
-            self.ema.update(self.trainables, self.step + 1)
-        self.lr_scheduler.step()
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.trainables, self.step)
+        else:
+            # No optimizer.step(): with fp16 the GradScaler would find no inf checks recorded.
+            self._non_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
-    def _handle_non_finite(self, loss: torch.Tensor) -> None:
-        where = f"step {self.step + 1}"
+    def _trained_models(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
+
+    def _non_finite(self, loss: torch.Tensor) -> None:
+        """train.on_nan: skip (warn; the caller drops the gradients) or stop with the same error on every rank."""
         if self.cfg.train.on_nan == "skip":
-            self._print(f"warning: non-finite loss at {where}; batch skipped (train.on_nan=skip)")
-            self.optimizer.zero_grad(set_to_none=True)
+            self._print(f"warning: non-finite loss at step {self.step}; batch skipped (train.on_nan=skip)")
             return
         last = ckpt.list_checkpoints(self.run_dir / "checkpoints")
         keep = f"last good checkpoint kept at {last[-1][1]}" if last else "no checkpoint was written yet"
         raise NonFiniteLoss(
-            f"loss became {float(loss)} at {where}, {self.run_dir}, lower train.lr, set train.max_grad_norm, "
-            f"or set train.on_nan=skip; {keep}"
+            f"loss became {float(loss)} at step {self.step}, {self.run_dir}, lower train.lr, set "
+            f"train.max_grad_norm, or set train.on_nan=skip; {keep}"
         )
 
     # ------------------------------------------------------------------ side effects
@@ -749,7 +761,7 @@ class LoraTrainer:
         lo = self.cfg.lora
         configs = [c.to_dict() if c is not None else None for c in (self.lora_config, self.te_lora_config,
                                                                      self.te2_lora_config)]
-        shape = export.AdapterShape(lo.type, lo.rank, lo.alpha, *configs, dora=lo.use_dora)
+        shape = export.AdapterShape(lo.type, lo.rank, lo.alpha, *configs, unet_config=dict(self.c.unet.config))
         metadata = export.adapter_metadata(
             self.cfg, family=self.c.family, step=self.step, num_images=len(self.images),
             num_reg_images=len(self.dreambooth.class_images) if self.class_examples is not None else 0,

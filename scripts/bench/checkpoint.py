@@ -31,13 +31,12 @@ def measure(base: str | Path | None = None, repeats: int = 5, batch_size: int = 
     trainer = LoraTrainer(cfg)
     trainer.setup()
     for _ in range(3):  # warm-up
-        trainer._optimizer_step()
+        trainer.optimizer_step()
     steps, saves = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        trainer._optimizer_step()
+        trainer.optimizer_step()
         steps.append(time.perf_counter() - t0)
-        trainer.step += 1
         t0 = time.perf_counter()
         trainer._checkpoint()
         saves.append(time.perf_counter() - t0)

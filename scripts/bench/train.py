@@ -6,7 +6,7 @@ What is measured (issue 6, item 4), in one run and on the same data, for each mo
 (a)   the *floor*: bare UNet forward + backward + AdamW with the same peft LoRA, on latents
       and text embeddings computed once beforehand; same dtype, threads, attention
       implementation and compile setting as (b) (checked, see ``describe_unet``).
-(b)   loracraft's real optimizer step (``LoraTrainer._optimizer_step``) with ``train.cache=true``.
+(b)   loracraft's real optimizer step (``LoraTrainer.optimizer_step``) with ``train.cache=true``.
 (c)   the same with ``train.cache=false`` (VAE + text encoder every step).
 (d)   ``ReferenceRunner``: our own re-implementation of the per-step work of diffusers'
       ``examples/text_to_image/train_text_to_image_lora.py`` - image decode + resize/crop/
@@ -27,8 +27,8 @@ How:
   alike; ``warmup`` steps per variant are run first and discarded; steps/s is the median
   over the windows; CPU time per step (load-insensitive) and the median of per-round ratios
   are reported as cross-checks of every speed ratio;
-- the one-time caching cost is timed around the trainer's cache fill when it exposes one
-  (``_setup_cache``), otherwise as setup time of (b) minus setup time of (c).
+- the one-time caching cost is the trainer's own timing of its cache fill (``LoraTrainer.timings``),
+  otherwise setup time of (b) minus setup time of (c).
 
 Adding a measurement line (e.g. issue 7's 1-vs-2-process throughput): a variant is an entry
 of ``VARIANTS`` (how to build its runner, and ``processes`` - samples/s is computed from
@@ -460,7 +460,7 @@ class FloorRunner(Runner):
 
 
 class LoracraftRunner(Runner):
-    """(b)/(c)/(f) loracraft's ``LoraTrainer``: real ``setup()``, real ``_optimizer_step()``."""
+    """(b)/(c)/(f) loracraft's ``LoraTrainer``: real ``setup()``, real ``optimizer_step()``."""
 
     def __init__(self, spec: BenchSpec, work: Path, cache: bool, extra: tuple[str, ...] = ()):
         super().__init__(spec, work)
@@ -474,23 +474,10 @@ class LoracraftRunner(Runner):
         cfg = self.spec.loracraft_config(self.cache, str(self.work / "run"), self.extra)
         AcceleratorState._reset_state(reset_partial_state=True)
         self.trainer = trainer = LoraTrainer(cfg)
-        timed: dict[str, float] = {}
-        fill = getattr(trainer, "_setup_cache", None)
-        if fill is not None:  # time the one-time cache fill directly
-
-            def timed_fill(*args, **kwargs):
-                t0, c0 = time.perf_counter(), time.process_time()
-                try:
-                    return fill(*args, **kwargs)
-                finally:
-                    timed["cache_s"] = time.perf_counter() - t0
-                    timed["cache_cpu_s"] = time.process_time() - c0
-
-            trainer._setup_cache = timed_fill
         trainer.setup()
         self.unet = trainer.accelerator.unwrap_model(trainer.unet)
         self.described_unet = trainer.unet
-        return timed
+        return dict(trainer.timings)  # the one-time cache fill, timed by the trainer itself
 
     def describe(self) -> dict:
         d = super().describe()
@@ -500,8 +487,7 @@ class LoracraftRunner(Runner):
 
     def run(self, steps: int) -> float:
         for _ in range(steps):
-            loss = self.trainer._optimizer_step()
-            self.trainer.step += 1
+            loss = self.trainer.optimizer_step()
         return float(loss.detach())
 
 

@@ -45,8 +45,7 @@ def test_loha_lokr_train_save_in_lycoris_layout_and_load_back_with_equal_outputs
         "validation.steps": 2,
     })
     for _ in range(3):
-        trainer._optimizer_step()
-        trainer.step += 1
+        trainer.optimizer_step()
     out = trainer.cleanup()
     assert out.name == LYCORIS_WEIGHT_NAME and not (out.parent / LORA_WEIGHT_NAME).exists()
     unet = trainer.accelerator.unwrap_model(trainer.unet)

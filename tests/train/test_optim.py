@@ -38,7 +38,7 @@ def test_each_optimizer_lowers_the_loss_in_5_steps(name, tiny_sd, pair, tmp_path
     with torch.no_grad():
         before = trainer.compute_loss(fixed).item()
     for _ in range(5):
-        trainer._optimizer_step()
+        trainer.optimizer_step()
     with torch.no_grad():
         after = trainer.compute_loss(fixed).item()
     assert after < before, (name, before, after)

@@ -39,8 +39,7 @@ def sdxl_run(tiny_sdxl, sdxl_data, tmp_path_factory, make_trainer):
     trainer = make_trainer(tiny_sdxl, sdxl_data, tmp_path_factory.mktemp("sdxl") / "run", **TE)
     base = _text_outputs(trainer.c)
     for _ in range(3):
-        trainer._optimizer_step()
-        trainer.step += 1
+        trainer.optimizer_step()
     return trainer, base, trainer.cleanup()
 
 

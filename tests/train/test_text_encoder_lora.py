@@ -20,8 +20,7 @@ def te_run(tiny_sd, tmp_path_factory, make_trainer):
     with torch.no_grad():
         before = trainer.c.text_encoder(ids)[0].clone()
     for _ in range(3):
-        trainer._optimizer_step()
-        trainer.step += 1
+        trainer.optimizer_step()
     out = trainer.cleanup()
     return trainer, before, out
 

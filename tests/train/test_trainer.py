@@ -70,3 +70,44 @@ def test_plain_diffusers_loads_the_adapter_with_the_trained_alpha(trained, tiny_
         base = pipe.unet(x, t, ehs).sample
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     assert (theirs - base).abs().max() > 1e-3  # and the adapter does something
+
+
+def _nan_at(trainer, step):
+    """Make the loss of optimizer step ``step`` (1-based) NaN, as a diverged batch would."""
+    real = trainer.compute_loss
+
+    def compute_loss(batch):
+        loss = real(batch)
+        return loss * float("nan") if trainer.step + 1 == step else loss
+
+    trainer.compute_loss = compute_loss
+
+
+def test_skip_drops_the_whole_update_and_the_counter_moves_on(tiny_sd, tiny_dataset, tmp_path, make_trainer):
+    trainer = make_trainer(tiny_sd, tiny_dataset, tmp_path / "s", **{"train.on_nan": "skip",
+                                                                     "train.lr_scheduler": "linear"})
+    _nan_at(trainer, 2)
+    trainer.optimizer_step()
+    before = {n: p.detach().clone() for n, p in trainer.trainables.items()}
+    adam_steps = [s["step"].item() for s in trainer.optimizer.optimizer.state.values()]
+    lr = trainer.lr_scheduler.get_last_lr()
+    loss = trainer.optimizer_step()
+    assert trainer.step == 2 and not torch.isfinite(loss)
+    assert all(torch.equal(before[n], p) for n, p in trainer.trainables.items())
+    assert [s["step"].item() for s in trainer.optimizer.optimizer.state.values()] == adam_steps
+    assert trainer.lr_scheduler.get_last_lr() == lr and trainer.lr_scheduler.last_epoch == 1
+    assert all(p.grad is None for p in trainer.trainables.values())
+    trainer.optimizer_step()  # the next batch trains again
+    assert trainer.step == 3 and trainer.lr_scheduler.last_epoch == 2
+    assert any(not torch.equal(before[n], p) for n, p in trainer.trainables.items())
+
+
+def test_stop_raises_one_line_naming_the_step(tiny_sd, tiny_dataset, tmp_path, make_trainer):
+    from loracraft.train.trainer import NonFiniteLoss
+
+    trainer = make_trainer(tiny_sd, tiny_dataset, tmp_path / "n")
+    _nan_at(trainer, 1)
+    with pytest.raises(NonFiniteLoss) as e:
+        trainer.optimizer_step()
+    assert e.value.exit_code == 1 and "\n" not in str(e.value)
+    assert "loss became nan at step 1" in str(e.value) and "train.on_nan=skip" in str(e.value)
