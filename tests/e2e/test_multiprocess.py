@@ -37,10 +37,10 @@ def recipe(tmp_path_factory, tiny_sd):
     return p
 
 
-def _torchrun(recipe, out, *over, nproc=2, popen=False):
+def _torchrun(recipe, out, *over, nproc=2, popen=False, entry=("-m", "loracraft.train")):
     # --standalone: a private rendezvous on a free port (parallel test runs don't collide)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "loracraft.train", str(recipe), f"output.dir={out}", *over]
+           *map(str, entry), str(recipe), f"output.dir={out}", *over]
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -127,3 +127,73 @@ def test_resume_on_other_process_count_keeps_effective_batch(recipe, two_proc, t
     allowed = _single(recipe, run, "train.batch_size=2")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert "not bit-identical" in allowed.stderr
+
+
+#: Runs `python -m loracraft.train` with rank 1's loss made NaN at one step (what a diverging batch on
+#: one GPU looks like), and writes each rank's exit code and LR-scheduler step count beside the run.
+NAN_ON_RANK_1 = """
+import json, os, sys
+from pathlib import Path
+
+from loracraft.train import trainer as T
+from loracraft.train.cli import main
+
+nan_step, report = int(sys.argv.pop(1)), Path(sys.argv.pop(1))
+rank = int(os.environ["RANK"])
+real_loss, real_cleanup = T.LoraTrainer.compute_loss, T.LoraTrainer.cleanup
+
+
+def compute_loss(self, batch):
+    loss = real_loss(self, batch)
+    return loss * float("nan") if rank == 1 and self.step + 1 == nan_step else loss
+
+
+def cleanup(self):
+    out = real_cleanup(self)
+    (report / f"rank{rank}.json").write_text(json.dumps({"scheduler_steps": self.lr_scheduler.last_epoch}))
+    return out
+
+
+T.LoraTrainer.compute_loss, T.LoraTrainer.cleanup = compute_loss, cleanup
+code = main(["train", *sys.argv[1:]])
+(report / f"exit-rank{rank}").write_text(str(code))
+sys.exit(code)
+"""
+NAN_STEPS, NAN_STEP = 4, 2
+
+
+def _nan_run(recipe, tmp_path, on_nan):
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    report = tmp_path / "report"
+    report.mkdir()
+    out = tmp_path / "run"
+    proc = _torchrun(recipe, out, "train.batch_size=1", f"train.max_steps={NAN_STEPS}", "checkpoint.every=1000",
+                     f"train.on_nan={on_nan}", entry=(script, NAN_STEP, report))
+    return proc, out, report
+
+
+def test_nan_on_one_rank_is_skipped_on_both(recipe, tmp_path):
+    import torch
+
+    proc, out, report = _nan_run(recipe, tmp_path, "skip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"non-finite loss at step {NAN_STEP}; batch skipped" in proc.stderr
+    # Both ranks dropped the same update: one scheduler step fewer than optimizer steps, on each.
+    for rank in (0, 1):
+        assert json.loads((report / f"rank{rank}.json").read_text()) == {"scheduler_steps": NAN_STEPS - 1}
+    manifest = json.loads((out / "run.json").read_text())
+    hashes = manifest["rank_weights_sha256"]
+    assert manifest["steps"] == NAN_STEPS and hashes[0] == hashes[1] == manifest["weights_sha256"]
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_nan_on_one_rank_stops_both_with_one_line(recipe, tmp_path):
+    proc, out, report = _nan_run(recipe, tmp_path, "stop")
+    assert proc.returncode != 0
+    assert [(report / f"exit-rank{r}").read_text() for r in (0, 1)] == ["1", "1"]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("loracraft: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+    assert f"loss became nan at step {NAN_STEP}, {out}" in errors[0]
+    assert "trainer.py" not in proc.stderr  # no traceback of ours (torchrun adds its own summary)
