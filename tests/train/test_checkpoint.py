@@ -105,3 +105,44 @@ def test_rotation_deletes_only_what_loracraft_wrote(tmp_path):
     assert [p.name for p in first.iterdir()] == ["my-notes.txt"]  # its own files went, the user's stayed
     assert (own / "state.json").read_text() == '{"step": 0}'
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [0, 3]
+
+
+def test_full_disk_during_a_training_checkpoint_stops_cleanly_and_resumes_exactly(
+    tiny_sd, tiny_dataset, tmp_path, monkeypatch, make_trainer
+):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from loracraft.train import export
+
+    over = {"train.max_steps": 6, "checkpoint.every": 2}
+    run = tmp_path / "run"
+    real = export.save_diffusers_lora
+
+    def full_at_step_4(path, *a, **k):
+        if "step-000004" in str(path):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 27, message: "File too large" })')
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(export, "save_diffusers_lora", full_at_step_4)
+    trainer = make_trainer(tiny_sd, tiny_dataset, run, **over)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        trainer.train()
+    message = str(e.value)
+    assert e.value.exit_code == 1 and "\n" not in message
+    assert str(run / "checkpoints" / "step-000004") in message and "free disk space" in message
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]  # the temp dir is gone
+    kept = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step-000002").iterdir()}
+
+    monkeypatch.setattr(export, "save_diffusers_lora", real)  # space freed: the same command again
+    resumed = make_trainer(tiny_sd, tiny_dataset, run, **over)
+    assert resumed.step == 2
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "step-000002").iterdir()} == kept
+    resumed.train()
+    resumed.cleanup()
+    straight = make_trainer(tiny_sd, tiny_dataset, tmp_path / "straight", **over)
+    straight.train()
+    straight.cleanup()
+    a, b = load_file(str(run / "pytorch_lora_weights.safetensors")), load_file(
+        str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
