@@ -8,18 +8,44 @@ from loracraft.infer.errors import ConfigError
 from loracraft.train.ema import AdapterEMA
 
 
-def test_update_is_the_plain_ema_formula_every_n_steps():
+def test_update_every_n_steps_with_the_warm_up_by_hand():
     p = {"w": torch.nn.Parameter(torch.tensor([1.0, -2.0]))}
     ema = AdapterEMA(p, decay=0.5, every=2)
     with torch.no_grad():
         p["w"].copy_(torch.tensor([3.0, 2.0]))
     ema.update(p, step=1)  # not a multiple of every: skipped
     torch.testing.assert_close(ema.shadow["w"], torch.tensor([1.0, -2.0]))
-    ema.update(p, step=2)
-    torch.testing.assert_close(ema.shadow["w"], torch.tensor([2.0, 0.0]))
+    ema.update(p, step=2)  # the first update copies the weights (decay 0)
+    torch.testing.assert_close(ema.shadow["w"], torch.tensor([3.0, 2.0]))
+    with torch.no_grad():
+        p["w"].copy_(torch.tensor([14.0, 13.0]))
+    ema.update(p, step=4)  # the second: decay min(0.5, 2 / 11)
+    torch.testing.assert_close(ema.shadow["w"], torch.tensor([3.0 + 11 * 9 / 11, 2.0 + 11 * 9 / 11]))
     with ema.applied(p):
-        torch.testing.assert_close(p["w"].detach(), torch.tensor([2.0, 0.0]))
-    torch.testing.assert_close(p["w"].detach(), torch.tensor([3.0, 2.0]))
+        torch.testing.assert_close(p["w"].detach(), torch.tensor([12.0, 11.0]))
+    torch.testing.assert_close(p["w"].detach(), torch.tensor([14.0, 13.0]))
+
+
+@pytest.mark.parametrize("decay,every", [(0.999, 1), (0.9, 1), (0.95, 3)])
+def test_matches_diffusers_ema_model_on_random_weights(decay, every):
+    """diffusers' EMAModel (default warm-up), stepped at the same optimizer steps, is the reference."""
+    from diffusers.training_utils import EMAModel
+
+    g = torch.Generator().manual_seed(0)
+    p = {"a": torch.nn.Parameter(torch.randn(4, 3, generator=g)), "b": torch.nn.Parameter(torch.randn(5, generator=g))}
+    ours = AdapterEMA(p, decay=decay, every=every)
+    theirs = EMAModel(list(p.values()), decay=decay)
+    for step in range(1, 21):
+        with torch.no_grad():
+            for t in p.values():
+                t.add_(torch.randn(t.shape, generator=g))
+        ours.update(p, step)
+        if step % every == 0:
+            theirs.step(list(p.values()))
+            assert ours.decay_at(step) == theirs.cur_decay_value
+    for (name, _), shadow in zip(p.items(), theirs.shadow_params, strict=True):
+        torch.testing.assert_close(ours.shadow[name], shadow, rtol=1e-6, atol=1e-6)
+    assert any((ours.shadow[n] - t).abs().max() > 1e-3 for n, t in p.items())  # it does average
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +62,11 @@ def _snapshot(trainer):
 def test_ema_equals_a_hand_computed_ema_after_3_steps_and_is_exported(tiny_sd, pair, tmp_path, make_trainer):
     trainer = make_trainer(tiny_sd, pair, tmp_path / "r", **{"train.ema_decay": 0.9, "train.max_steps": 3})
     expected = _snapshot(trainer)
-    for _ in range(3):
-        trainer._optimizer_step()
-        trainer.step += 1
+    for step in range(1, 4):
+        trainer.optimizer_step()
         w = _snapshot(trainer)
-        expected = {n: 0.9 * expected[n] + 0.1 * w[n] for n in w}
+        decay = 0.0 if step == 1 else min(0.9, step / (9 + step))  # diffusers EMAModel's warm-up
+        expected = {n: decay * expected[n] + (1 - decay) * w[n] for n in w}
     assert any((expected[n] - w[n]).abs().max() > 1e-6 for n in w)  # the EMA lags the weights
     for n in expected:
         torch.testing.assert_close(trainer.ema.shadow[n], expected[n], rtol=1e-6, atol=1e-7)
