@@ -16,16 +16,12 @@ from loracraft.infer.errors import ConfigError, ModelError, ModelNotFound
 PICKLE_EXTS = {".ckpt", ".pt", ".pth", ".bin"}
 
 
-def check_base(base: str) -> None:
-    """Fail fast (before any weights load) when ``base`` cannot be a diffusers model."""
+def check_base(base: str, config: str | None = None, allow_pickle: bool = False) -> None:
+    """Fail fast (before any weights load) when ``base`` cannot be a Stable Diffusion model."""
     p = Path(base).expanduser()
     if p.is_file():
-        kind = "a pickle checkpoint" if p.suffix.lower() in PICKLE_EXTS else "a single file"
-        raise ModelError(
-            f"model.base is {kind}, not a diffusers folder, {p}, convert it with diffusers' "
-            "from_single_file(...).save_pretrained(DIR) and point model.base at DIR",
-            exit_code=2,
-        )
+        check_single_file(p, config, allow_pickle)
+        return
     if p.exists() and not (p / "model_index.json").is_file():
         raise ModelError(
             f"model.base is not a diffusers model (no model_index.json), {p}, "
@@ -33,6 +29,32 @@ def check_base(base: str) -> None:
         )
     if not p.exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
         raise ModelNotFound(f"model.base folder not found, {p}, check the path or give a hub id like org/name")
+
+
+def check_single_file(path: Path, config: str | None, allow_pickle: bool) -> None:
+    """A single-file (A1111/LDM layout) checkpoint is loaded by diffusers' ``from_single_file``
+    with a local config folder: without one diffusers would fetch the configs from the hub."""
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_EXTS and not allow_pickle:
+        raise ModelError(
+            f"model.base is a pickle checkpoint (loading it can run arbitrary code), {path}, convert it to "
+            ".safetensors or set model.allow_pickle=true if you trust its source",
+            exit_code=2,
+        )
+    if suffix != ".safetensors" and suffix not in PICKLE_EXTS:
+        raise ModelError(f"model.base is not a model checkpoint (.safetensors or .ckpt), {path}, pass a diffusers "
+                         "folder, a single-file .safetensors checkpoint or a hub id")
+    if config is None:
+        raise ConfigError(
+            f"model.base is a single-file checkpoint, {path}, set model.config to a diffusers folder of the same "
+            "architecture (model_index.json and component configs; the weights are not needed)"
+        )
+    folder = Path(config).expanduser()
+    if not folder.exists():
+        raise ModelNotFound(f"model.config folder not found, {folder}, check the path")
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(f"model.config is not a diffusers folder (no model_index.json), {folder}, pass the "
+                         "config folder of the checkpoint's architecture (SD1, SD2 or SDXL)")
 
 
 @dataclass
@@ -66,11 +88,16 @@ class Components:
         return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
 
-def load_components(base: str, revision: str | None = None, variant: str | None = None) -> Components:
+def load_components(
+    base: str, revision: str | None = None, variant: str | None = None, config: str | None = None,
+    allow_pickle: bool = False,
+) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    check_base(base)
+    check_base(base, config, allow_pickle)
+    if Path(base).expanduser().is_file():
+        return _single_file_components(base, config, allow_pickle)
     kw = dict(revision=revision)
     tokenizer_2 = text_encoder_2 = None
     try:
@@ -93,13 +120,35 @@ def load_components(base: str, revision: str | None = None, variant: str | None 
             f"cannot load the base model, {base}, check model.base/revision/variant"
             f"{'' if local else ' and your network access or HF_HUB_OFFLINE cache'}: {first}"
         ) from e
-    for module in (text_encoder, text_encoder_2, vae, unet):
-        if module is not None:
-            module.requires_grad_(False)
-            module.float()  # fp16-stored weights (e.g. the toy base) are upcast; see freeze_and_cast
-    return Components(
+    return _frozen(Components(
         tokenizer, text_encoder, vae, unet, noise_scheduler, inference_scheduler, tokenizer_2, text_encoder_2
-    )
+    ))
+
+
+def _frozen(c: Components) -> Components:
+    for module in (*c.text_encoders, c.vae, c.unet):
+        module.requires_grad_(False)
+        module.float()  # fp16-stored weights (e.g. the toy base) are upcast; see freeze_and_cast
+    return c
+
+
+def _single_file_components(base: str, config: str, allow_pickle: bool) -> Components:
+    """The parts of a single-file checkpoint, read by diffusers' ``from_single_file`` (the same
+    loader as ``generate``); the schedulers come from the config folder, as a folder's would."""
+    from diffusers import DDPMScheduler
+
+    from loracraft.infer.models import load_base
+
+    pipe = load_base(base, config=config, allow_pickle=allow_pickle)
+    if getattr(pipe, "text_encoder", None) is None:
+        from loracraft.infer.models import refiner_error
+
+        raise refiner_error(base)
+    return _frozen(Components(
+        pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
+        DDPMScheduler.from_pretrained(config, subfolder="scheduler"), _pipeline_scheduler(config, {}),
+        getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None),
+    ))
 
 
 def rank_limit(model: torch.nn.Module, targets: list[str]) -> tuple[int, str] | None:
@@ -187,12 +236,13 @@ def fingerprint_base(base: str) -> str:
     import hashlib
 
     p = Path(base).expanduser()
-    if not p.is_dir():
+    if not p.exists():
         return "hub:" + base
     h = hashlib.sha256()
-    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+    for f in files:
         size = f.stat().st_size
-        h.update(f"{f.relative_to(p).as_posix()}|{size}|".encode())
+        h.update(f"{f.relative_to(p).as_posix() if f != p else f.name}|{size}|".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(1 << 20))
             if size > 2 << 20:

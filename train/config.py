@@ -43,7 +43,17 @@ class _Section(BaseModel):
 
 
 class ModelCfg(_Section):
-    base: str = Field(description="diffusers model folder or hub id (required)")
+    base: str = Field(
+        description="diffusers model folder, hub id, or single-file .safetensors checkpoint (SD1/SD2/SDXL, "
+        "with model.config) (required)"
+    )
+    config: str | None = Field(
+        None, description="for a single-file model.base: a diffusers folder of the same architecture "
+        "(model_index.json + component configs; weights not needed); nothing is fetched from the hub",
+    )
+    allow_pickle: bool = Field(
+        False, description="allow a pickle single-file model.base (.ckpt): loading one can run arbitrary code"
+    )
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
@@ -798,6 +808,7 @@ def absolute_paths(cfg: Config) -> Config:
 #: (section, key, only when it exists locally): the config values that name local files or folders.
 LOCAL_PATH_KEYS = (
     ("model", "base", True),
+    ("model", "config", False),
     ("data", "path", True),
     ("dreambooth", "class_data", False),
     ("train", "cache_dir", False),

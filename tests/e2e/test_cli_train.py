@@ -106,3 +106,47 @@ def test_report_has_every_section_and_inline_images(cli_run):
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
     sweep = Image.open(cli_run / "samples" / "scale-sweep.png")
     assert sweep.size == (32, 32 * 5)  # 5 scales x 1 validation prompt
+
+
+# ----------------------------------------------------------------------------- single-file bases
+def _train_in_process(base, data, out, *over):
+    from pathlib import Path
+
+    from loracraft.train.cli import main
+
+    recipe = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+    return main([
+        "train", str(recipe), f"model.base={base}", f"data.path={data}", f"output.dir={out}", "train.max_steps=2",
+        "checkpoint.every=100", "validation.prompts=[]", "output.report=false", "output.report_to=[]", *over,
+    ])  # fmt: skip
+
+
+def test_single_file_base_trains_the_same_weights_as_its_folder(tiny_sd, tiny_dataset, tmp_path):
+    """An A1111/LDM-layout .safetensors holds the same weights as the diffusers folder it was
+    written from, so training on it (model.config = the folder, for the configs) must give the
+    identical adapter."""
+    import ldm_checkpoint  # tests/fixtures
+
+    single = ldm_checkpoint.write_ldm_checkpoint(tiny_sd, tmp_path / "tiny.safetensors")
+    assert _train_in_process(tiny_sd, tiny_dataset, tmp_path / "folder") == 0
+    assert _train_in_process(single, tiny_dataset, tmp_path / "file", f"model.config={tiny_sd}") == 0
+    a, b = (json.loads((tmp_path / r / "run.json").read_text()) for r in ("folder", "file"))
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert b["config"]["model"]["base"] == str(single) and a["base_fingerprint"] != b["base_fingerprint"]
+
+
+def test_single_file_base_refusals(tiny_sd, tiny_dataset, tmp_path, capsys):
+    single = tmp_path / "m.safetensors"
+    single.write_bytes(b"x")
+    pickled = tmp_path / "m.ckpt"
+    pickled.write_bytes(b"x")
+    cases = [
+        ((single,), 2, "set model.config to a diffusers folder"),
+        ((single, f"model.config={tmp_path / 'nope'}"), 2, "model.config folder not found"),
+        ((single, f"model.config={tmp_path}"), 2, "model.config is not a diffusers folder"),
+        ((pickled, f"model.config={tiny_sd}"), 2, "model.allow_pickle=true"),
+    ]
+    for (base, *over), code, needle in cases:
+        assert _train_in_process(base, tiny_dataset, tmp_path / "out", *over) == code
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loracraft: error")]
+        assert len(err) == 1 and needle in err[0], (needle, err)
