@@ -17,6 +17,7 @@ effective alpha such that ``scale = alpha / rank``, and a DoRA magnitude) and wr
 from loracraft.infer.formats.checks import check_lora_config, check_module, check_tensor, unsupported_key
 from loracraft.infer.formats.convert import (
     FORMATS,
+    adapter_output_path,
     base_unet_layout,
     convert_lora_file,
     detect_format,
@@ -75,7 +76,7 @@ __all__ = [
     "COMPONENTS", "FAMILY_METADATA_KEY", "FORMATS", "KOHYA_CONFIG_KEY", "KOHYA_WEIGHT_NAME",
     "LORA_ADAPTER_METADATA_KEY", "LORA_WEIGHT_NAME", "LYCORIS_WEIGHT_NAME", "PICKLE_SUFFIXES",
     "SDXL_BASE_UNET", "SS_METADATA_SOURCES", "UNET_LAYOUT_KEY", "LoraAdapter", "LoraModule",
-    "adapter_family", "base_unet_layout", "build_lora_config", "check_lora_config", "check_module",
+    "adapter_family", "adapter_output_path", "base_unet_layout", "build_lora_config", "check_lora_config", "check_module",
     "check_tensor", "component_config", "config_describes", "config_module_params", "convert_lora_file",
     "detect_format", "diffusers_to_sgm_unet_name", "family_evidence", "file_sha256", "kohya_metadata",
     "kohya_module_paths", "kohya_name_to_module", "model_module_table", "module_to_kohya_name",

@@ -127,16 +127,27 @@ def convert_lora_file(
     adapter = read_lora(
         src, allow_pickle=allow_pickle, unet_layers_per_block=(layout or {}).get("layers_per_block") or 2
     )
-    out = Path(dst).expanduser()
-    if out.is_dir() or out.suffix == "" or str(dst).endswith(("/", "\\")):
-        out = out / (KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME)
-    elif out.suffix != ".safetensors":
-        raise UsageError(
-            f"output must be a .safetensors file or a folder, {dst}, e.g. {Path(dst).with_suffix('.safetensors')}"
-        )
+    out = adapter_output_path(dst, to)
     if adapter.path is not None and out.resolve() == adapter.path.resolve():
         raise UsageError(f"output would overwrite the input, {dst}, choose another output path")
     return write_lora(adapter, out, to=to, unet_layout=layout)
+
+
+def adapter_output_path(dst: str | Path, to: str, flag: str = "") -> Path:
+    """The file an adapter in format ``to`` is written to for an output argument ``dst``: a folder
+    (existing, a path without a suffix, or ending in a separator) gets the format's default file name.
+
+    ``flag`` names the option in the error (``--out``); empty for a positional argument.
+    """
+    path = Path(dst).expanduser()
+    if path.is_dir() or path.suffix == "" or str(dst).endswith(("/", "\\")):
+        return path / (KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME)
+    if path.suffix != ".safetensors":
+        where = f"{flag} {dst}" if flag else str(dst)
+        raise UsageError(
+            f"output must be a .safetensors file or a folder, {where}, e.g. {path.with_suffix('.safetensors')}"
+        )
+    return path
 
 
 def _refuse_lycoris(src: str | Path) -> None:

@@ -157,17 +157,6 @@ def test_kohya_sgm_names_import_to_the_same_diffusers_modules(sdxl_pipe, tmp_pat
     assert {k.split(".")[0] for k in exported} == {f"lora_unet_{v}" for v in HAND_SGM.values()}
 
 
-#: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the module tree).
-SDXL_BASE_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-
-
 def test_sgm_export_names_are_what_diffusers_maps_back_on_every_sdxl_module(sdxl_pipe):
     """Our diffusers -> SGM naming is checked against diffusers' SGM -> diffusers converter for every
     LoRA-able layer of the tiny SDXL and of the real SDXL base architecture (built on the meta device)."""
@@ -175,6 +164,7 @@ def test_sgm_export_names_are_what_diffusers_maps_back_on_every_sdxl_module(sdxl
     from diffusers import UNet2DConditionModel
 
     from loracraft.infer.formats import (
+        SDXL_BASE_UNET,
         diffusers_to_sgm_unet_name,
         module_to_kohya_name,
         sgm_unet_names_to_diffusers,
