@@ -525,6 +525,7 @@ def export(cfg: ToyBaseConfig, work: Path, out: Path, timer: _Timer, command: st
 
     from diffusers import StableDiffusionPipeline
 
+    from loracraft.infer.generation import make_grid
     from loracraft.infer.toyworld.probe import probe_pipeline, probe_prompts
     from loracraft.infer.toyworld.style_score import style_score
 
@@ -550,10 +551,8 @@ def export(cfg: ToyBaseConfig, work: Path, out: Path, timer: _Timer, command: st
     acc, images = probe_pipeline(
         pipe, probe_prompts(cfg.probe_n), seed=cfg.seed, guidance=cfg.probe_guidance, steps=cfg.probe_steps
     )
-    grid = Image.new("RGB", (PX * 15, PX * 6))
-    for i, im in enumerate(images[:90]):
-        grid.paste(im, ((i % 15) * PX, (i // 15) * PX))
-    grid.save(work / "probe-grid.png")
+    rows = min(len(images), 90) // 15  # the 90 captions, 15 a row
+    make_grid(images[: rows * 15], rows=rows, cols=15).save(work / "probe-grid.png")
     gen_scores = [style_score(im) for im in images]
     vae_stats = json.loads((work / "vae" / "stats.json").read_text())
     style_imgs = eval_images("styled", 256, cfg.seed)
