@@ -429,7 +429,8 @@ def sweep_scales(
 ) -> list[list[GeneratedImage]]:
     """Generate the same images at several LoRA strengths.
 
-    Each sweep value multiplies every loaded adapter's own scale (1 = as loaded, 0 = base).
+    Each sweep value multiplies every loaded adapter's own weights, UNet and text encoder
+    alike (1 = as loaded, 0 = base).
 
     Returns:
         one list of images per scale, in the order of ``scales``.
@@ -442,6 +443,7 @@ def sweep_scales(
     was_fused = A.is_fused(pipe)
     A.unfuse(pipe)
     original = {a.name: a.scale for a in loaded}
+    original_te = {a.name: a.text_encoder_scale for a in loaded}
     seed = kwargs.pop("seed", None)
     prompts = kwargs.get("prompt")
     n_prompts = 1 if isinstance(prompts, str) else len(prompts or [])
@@ -449,6 +451,9 @@ def sweep_scales(
     rows: list[list[GeneratedImage]] = []
     try:
         for s in scales:
+            for a in loaded:
+                te = original_te[a.name]
+                a.text_encoder_scale = None if te is None else te * float(s)
             A.set_scales(pipe, {n: v * float(s) for n, v in original.items()})
             if fuse:
                 A.fuse(pipe)
@@ -457,6 +462,8 @@ def sweep_scales(
             finally:
                 A.unfuse(pipe)
     finally:
+        for a in loaded:
+            a.text_encoder_scale = original_te[a.name]
         A.set_scales(pipe, original)
         if was_fused:
             A.fuse(pipe)

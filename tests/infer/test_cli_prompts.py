@@ -151,3 +151,15 @@ def test_block_weights_for_an_unknown_adapter(tiny_sd, lora_dir, tmp_path):
     rc, problems = run("generate", "--base", tiny_sd, "--prompt", "x", "--lora", lora_dir, "--lora-blocks",
                        "nope:up=0", "--steps", 1, "--out", tmp_path)  # fmt: skip
     assert rc == 2 and "no loaded adapter 'nope'" in problems[0]
+
+
+def test_scale_sweep_zero_switches_off_a_separate_text_encoder_weight_too(tiny_sd, lora_dir_b):
+    from loracraft.infer.generation import sweep_scales
+
+    pipe = load_base(tiny_sd)
+    base = np.asarray(generate(pipe, "a red circle", seed=4, steps=2)[0].image)
+    A.load_adapters(pipe, [f"{lora_dir_b}:0.7:0.3"])
+    (zero,), (half,) = sweep_scales(pipe, [0, 0.5], prompt="a red circle", seed=4, steps=2)
+    assert np.array_equal(np.asarray(zero.image), base)
+    assert half.record.adapters[0]["text_encoder_scale"] == 0.15
+    assert A.loaded_adapters(pipe)[0].text_encoder_scale == 0.3  # restored after the sweep
