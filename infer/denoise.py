@@ -78,6 +78,7 @@ def _chunks(tokenizer, text: str, min_chunks: int = 1) -> list[Chunk]:
         eos=tokenizer.eos_token_id,
         pad=pad,
         min_chunks=min_chunks,
+        comma=tokenizer.get_vocab().get(",</w>"),
     )
 
 

@@ -45,6 +45,8 @@ __all__ = [
 
 #: Usable tokens per CLIP window (77 positions minus BOS and EOS).
 CHUNK_TOKENS = 75
+#: A full window moves the words after a comma this close to its end into the next one.
+COMMA_BACKTRACK = 20
 #: Marker in :func:`parse_emphasis` output for A1111's ``BREAK`` keyword.
 BREAK = ("BREAK", -1.0)
 
@@ -215,26 +217,37 @@ def build_chunks(
     eos: int,
     pad: int,
     min_chunks: int = 1,
+    comma: int | None = None,
+    backtrack: int = COMMA_BACKTRACK,
 ) -> list[Chunk]:
     """Cut weighted text into CLIP windows: each ``[BOS] + 75 tokens + [EOS]``.
 
     A short last window is filled after its EOS with ``pad`` (the tokenizer's pad token: EOS
     for SD1's tokenizer, ``!`` for SD2/SDXL's second one), as a ``padding="max_length"``
     tokenizer call does. ``BREAK`` closes the current window early. ``min_chunks`` appends
-    empty windows (a negative prompt must have as many as its prompt).
+    empty windows (a negative prompt must have as many as its prompt). When a window fills
+    up and a ``comma`` token stood within its last ``backtrack`` tokens, the words after that
+    comma move to the next window, so a phrase is not cut in two (A1111's default, 20).
     """
     windows: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     weights: list[float] = []
+    last_comma = -1
     for frag, w in fragments:
         if (frag, w) == BREAK:
             windows.append((ids, weights))
-            ids, weights = [], []
+            ids, weights, last_comma = [], [], -1
             continue
         for t in tokenize(frag) if frag else []:
+            if comma is not None and t == comma:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK_TOKENS and last_comma >= 0 and len(ids) - last_comma <= backtrack:
+                cut = last_comma + 1
+                windows.append((ids[:cut], weights[:cut]))
+                ids, weights, last_comma = ids[cut:], weights[cut:], -1
             if len(ids) == CHUNK_TOKENS:
                 windows.append((ids, weights))
-                ids, weights = [], []
+                ids, weights, last_comma = [], [], -1
             ids.append(t)
             weights.append(w)
     if ids or not windows:

@@ -94,3 +94,19 @@ def test_emphasis_scales_tokens_then_restores_the_mean():
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out.mean(), z.mean())
     assert apply_emphasis(z, [1.0] * 77) is z  # no weights: untouched, bit for bit
+
+
+def test_a_full_window_moves_the_words_after_a_late_comma_to_the_next():
+    # A1111's comma_padding_backtrack (default 20): ids 10 = 'a', 11 = 'b', 99 = ','
+    def tokenize(text):
+        return [99 if c == "," else 10 + ord(c) - ord("a") for c in text]
+
+    text = "a" * 60 + "," + "b" * 20  # the comma at 61 is 14 tokens before the window's end
+    first, second = build_chunks([(text, 1.0)], tokenize, bos=1, eos=2, pad=0, comma=99)
+    assert first.ids == [1] + [10] * 60 + [99, 2] + [0] * 14
+    assert second.ids[:22] == [1] + [11] * 20 + [2]
+    far = "a" * 40 + "," + "b" * 40  # comma 34 tokens back: too far, cut at 75 as usual
+    first, second = build_chunks([(far, 1.0)], tokenize, bos=1, eos=2, pad=0, comma=99)
+    assert first.ids == [1] + [10] * 40 + [99] + [11] * 34 + [2]
+    plain = build_chunks([(text, 1.0)], tokenize, bos=1, eos=2, pad=0)  # no comma token: plain cut
+    assert plain[0].ids[-2:] == [11, 2]
