@@ -170,6 +170,10 @@ class LoraCfg(_Section):
         description="also train a LoRA on the text encoder, e.g. {rank: 4, alpha: 4}; null = UNet only. "
         "Shares dropout/init/use_dora/use_rslora with the UNet adapter; turns the text-embedding cache off",
     )
+    init_from: str | None = Field(
+        None, description="start from this LoRA file (diffusers or kohya layout) instead of a fresh init; its "
+        "rank, alpha and targets must match lora.*; the optimizer starts fresh; a resume takes precedence"
+    )
 
     @field_validator("targets")
     @classmethod
@@ -344,14 +348,52 @@ class CheckpointCfg(_Section):
     allow_config_change: bool = Field(False, description="resume even if training-relevant keys changed")
 
 
+class SamplePromptCfg(_Section):
+    """One validation prompt with its own settings; unset ones take validation.* (and data.resolution)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, lt=GENERATION_SEED_LIMIT)
+    width: int | None = Field(None, gt=0, le=MAX_RESOLUTION)
+    height: int | None = Field(None, gt=0, le=MAX_RESOLUTION)
+    steps: int | None = Field(None, gt=0, le=1000)
+    guidance: float | None = Field(None, ge=0)
+
+
 class ValidationCfg(_Section):
-    prompts: list[str] = Field(default_factory=list)
+    prompts: list[str | SamplePromptCfg] = Field(
+        default_factory=list, description="sample prompts: strings, or {prompt, negative_prompt, seed, width, "
+        "height, steps, guidance}"
+    )
+    prompt_file: str | None = Field(
+        None, description="more sample prompts: a .txt file in kohya's line syntax (a prompt --n negative --w 512 "
+        "--h 768 --d 42 --l 7.5 --s 28) or a .yaml list like validation.prompts"
+    )
+    at_start: bool = Field(False, description="also generate the samples at step 0, before training")
+    heldout: float | str | None = Field(
+        None, description="held-out loss at step 0 and every checkpoint: a folder of captioned images, or a "
+        "fraction 0 < f < 0.5 of the training data set aside (chosen by image name and train.seed; not trained on)"
+    )
     use_ema: bool = Field(False, description="generate validation images with the EMA weights (needs train.ema_decay)")
     every: int = Field(500, gt=0)
     num_images: int = Field(4, gt=0)
     seed: int = Field(0, ge=0, lt=GENERATION_SEED_LIMIT)
     steps: int = Field(25, gt=0)
     guidance: float = Field(7.5, ge=0)
+
+    @field_validator("heldout", mode="before")
+    @classmethod
+    def _heldout(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                if not v.strip():
+                    raise ValueError("validation.heldout is empty; give a folder, a fraction such as 0.1, or null") from None
+                return v
+        if isinstance(v, bool) or (isinstance(v, (int, float)) and not 0 < v < 0.5):
+            raise ValueError("validation.heldout as a fraction must be above 0 and below 0.5 (e.g. 0.1)")
+        return v
 
 
 class OutputCfg(_Section):

@@ -67,6 +67,13 @@ from loracraft.train.preserve import (
     select_rows,
 )
 from loracraft.train.threads import thread_policy
+from loracraft.train.validation import (
+    encode_heldout,
+    eval_mode,
+    heldout_images,
+    heldout_loss_of,
+    write_heldout,
+)
 
 LOG_EVERY = 10  # host syncs for logging happen only this often
 
@@ -116,6 +123,8 @@ class LoraTrainer:
         # Filled by setup(), in its order.
         self.accelerator = None
         self.images = None
+        self.heldout_images = None  # validation.heldout: a folder, or a fraction of the data set aside
+        self.heldout = None  # those images encoded once (main process)
         self.dataset_fingerprint: str | None = None
         self.resume_from: Path | None = None
         self.c: Components | None = None
@@ -151,6 +160,7 @@ class LoraTrainer:
         self.sources, plan = self._setup_cache(self.planner, self.sizes)
         self.class_examples, class_plan = self._setup_class_examples()  # DreamBooth prior preservation
         self.loss_fn = self.dreambooth.loss if self.class_examples is not None else diffusion_loss
+        self.heldout = self._setup_heldout()  # while the VAE encoder and text encoders are still loaded
         self._release_cached_encoders([plan] if class_plan is None else [plan, class_plan])
         self.lora_config = inject_lora(self.c.unet, self.cfg.lora)
         self.te_lora_config = inject_text_encoder_lora(self.c.text_encoder, self.cfg.lora)
@@ -163,6 +173,7 @@ class LoraTrainer:
         self.step = self._setup_resume()
         self.batches = self._setup_batches()
         self._setup_logging()
+        self._validate_at_start()
         self._install_signal_handlers()
 
     def _setup_accelerator(self):
@@ -201,6 +212,7 @@ class LoraTrainer:
         if self.dreambooth:  # captions come from dreambooth.instance_prompt
             report = with_captions(report, self.dreambooth.caption)
         images, skipped = checked_images(report, d.on_error)
+        images, self.heldout_images = heldout_images(self.cfg, images)  # held-out items never train
         if skipped:
             files = sorted({f.shown_file for f in skipped})
             self._print(
@@ -661,13 +673,14 @@ class LoraTrainer:
         self._flush_logs()
         acc = self.accelerator
         root = self.run_dir / "checkpoints"
+        heldout = self._log_heldout()  # main process; None without validation.heldout
         acc.wait_for_everyone()
         tmp = ckpt.temp_dir(root, self.step)
         self._on_every_rank(lambda: acc.is_main_process and ckpt.begin_checkpoint(root, self.step))
         self._on_every_rank(lambda: ckpt.save_rank_state(tmp, acc.process_index))
-        self._on_every_rank(lambda: acc.is_main_process and self._commit_checkpoint(tmp))
+        self._on_every_rank(lambda: acc.is_main_process and self._commit_checkpoint(tmp, heldout))
 
-    def _commit_checkpoint(self, tmp: Path) -> None:
+    def _commit_checkpoint(self, tmp: Path, heldout: float | None = None) -> None:
         acc, t = self.accelerator, self.cfg.train
         state = {
             "config": scrub(self.cfg.dump()),
@@ -679,7 +692,10 @@ class LoraTrainer:
         ckpt.commit_checkpoint(
             tmp, self.step, self.trainables, self.optimizer.optimizer, self.lr_scheduler, state, acc.scaler,
             ema=self.ema.shadow if self.ema is not None else None,
-            export=lambda folder: self._export(folder, self._final_states(), step=self.step),
+            export=lambda folder: (
+                self._export(folder, self._final_states(), step=self.step),
+                heldout is not None and write_heldout(folder, self.step, heldout),
+            ),
         )
         ckpt.prune_checkpoints(tmp.parent, self.cfg.checkpoint.keep)
 
@@ -719,6 +735,36 @@ class LoraTrainer:
             make_image_grid(images, rows=len(v.prompts), cols=v.num_images).save(path)
         acc.wait_for_everyone()
         return path
+
+    def _setup_heldout(self):
+        """The held-out set encoded once, on the main process only (no collective: nothing to deadlock)."""
+        if self.heldout_images is None or not self.accelerator.is_main_process:
+            return None
+        self._print(f"validation.heldout: {len(self.heldout_images)} held-out images, loss at step 0 and every checkpoint")
+        return encode_heldout(self.heldout_images, self.cfg.data.resolution, self.c.vae, self._encode_text, self.weight_dtype)
+
+    def _log_heldout(self) -> float | None:
+        """The held-out loss of the adapter this step's checkpoint exports; logged like the training loss."""
+        if self.heldout is None:
+            return None
+        c, device = self.c, self.accelerator.device
+        encode = None
+        if self.te_lora_config is not None:  # a trained text encoder changes the embeddings; plain modules, no DDP
+            def encode(captions):
+                return self.conditioning.encode_prompt([c.tokenizer, c.tokenizer_2], c.text_encoders, captions, device)
+        with self._ema_weights(self.cfg.output.export_ema == "replace"), eval_mode(*c.text_encoders):
+            loss = heldout_loss_of(self.accelerator.unwrap_model(self.unet), c.noise_scheduler, self.heldout,
+                                   self.conditioning.unet_kwargs, encode_text=encode)
+        self.accelerator.log({"heldout_loss": loss}, step=self.step)
+        with open(self.run_dir / "logs" / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": self.step, "heldout_loss": loss}) + "\n")
+        self._print(f"held-out loss at step {self.step}: {loss:.5f}")
+        return loss
+
+    def _validate_at_start(self) -> None:
+        """Step 0 of a fresh run: the held-out loss of the untrained adapter (and samples with validation.at_start)."""
+        if self.step == 0:
+            self._log_heldout()
 
     def _generate(self, prompts: list[str], per_prompt: int) -> list:
         """Validation images through ``loracraft.infer.generation`` (the code users generate with),

@@ -32,39 +32,10 @@ import numpy as np
 
 from loracraft.infer.errors import UsageError
 from loracraft.infer.io import write_json_atomic
+from loracraft.train.validation import heldout_loss
 
 #: Figures of the toy world are only meaningful with its own trigger.
 TOY_TRIGGER = "in lcstyle style"
-
-
-def heldout_loss(pipe, images, resolution: int, seed: int = 1234) -> float:
-    """Mean diffusion loss over the held-out images with per-image fixed noise and timesteps."""
-    import torch
-    from diffusers import DDPMScheduler
-
-    from loracraft.infer.models import model_family
-    from loracraft.train.conditioning import conditioning_for
-    from loracraft.train.data import load_pixels, size_conditioning
-    from loracraft.train.loss import diffusion_loss, sample_noise_and_timesteps, training_target
-
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    cond = conditioning_for(model_family(pipe))  # the trainer's own text/size conditioning (SD1 or SDXL)
-    tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)]
-    encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
-    n_enc = 2 if cond.family == "sdxl" else 1
-    losses = []
-    with torch.no_grad():
-        for i in range(len(images)):
-            target_size = (resolution, resolution)
-            pixels, crop = load_pixels(images, i, target_size, True, False)
-            latents = pipe.vae.encode(pixels[None]).latent_dist.mean * pipe.vae.config.scaling_factor
-            noise, t = sample_noise_and_timesteps(tuple(latents.shape[1:]), [i], seed, sched.config.num_train_timesteps)
-            text = cond.encode_prompt(tokenizers[:n_enc], encoders[:n_enc], [images.caption(i)], latents.device)
-            size = size_conditioning(images.size(i), target_size, crop, False)[None]
-            pred = pipe.unet(sched.add_noise(latents, noise, t), t, **cond.unet_kwargs(text, size)).sample
-            target = training_target(sched, latents, noise, t, sched.config.prediction_type)
-            losses.append(float(diffusion_loss(pred, target)))
-    return float(np.mean(losses))
 
 
 def _pixels(images) -> np.ndarray:
