@@ -22,7 +22,6 @@ record adapter paths, scales and hashes.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from loracraft.infer.formats import (
     resolve_adapter_file,
 )
 from loracraft.infer.formats.lycoris import is_lycoris_file
+from loracraft.infer.prompts import parse_block_weights, parse_lora_spec  # re-exported: CLI spellings
 
 __all__ = [
     "LoadedAdapter",
@@ -106,57 +106,6 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
-
-
-def parse_lora_spec(text: str) -> tuple[str, float, float | None]:
-    """Split ``PATH[:UNET[:TE]]``: up to two trailing numbers, the UNet weight first.
-
-    >>> parse_lora_spec("style.safetensors:0.8:0.4")
-    ('style.safetensors', 0.8, 0.4)
-    >>> parse_lora_spec("C:/loras/style.safetensors:0.7")
-    ('C:/loras/style.safetensors', 0.7, None)
-    """
-    head, numbers = text, []
-    for _ in range(2):
-        path, sep, tail = head.rpartition(":")
-        try:
-            value = float(tail) if sep and path else None
-        except ValueError:
-            value = None
-        if value is None:
-            break
-        if not math.isfinite(value):
-            raise UsageError(f"weight {tail!r} is not a finite number, --lora {text}, use e.g. PATH:0.8")
-        numbers.insert(0, value)
-        head = path
-    return head, (numbers[0] if numbers else 1.0), (numbers[1] if len(numbers) > 1 else None)
-
-
-_BLOCK_KEY = re.compile(r"^(down|mid|up)(\.\d+)?$")
-
-
-def parse_block_weights(text: str) -> tuple[str | None, dict[str, float]]:
-    """Read ``[NAME:]down=W,mid=W,up=W`` (``down.1=W`` targets one block) -> (name, weights).
-
-    >>> parse_block_weights("style:down=0,up=1.2")
-    ('style', {'down': 0.0, 'up': 1.2})
-    """
-    name, sep, body = text.rpartition(":") if ":" in text.split("=", 1)[0] else ("", "", text)
-    weights: dict[str, float] = {}
-    for item in (x.strip() for x in body.split(",") if x.strip()):
-        key, eq, value = item.partition("=")
-        try:
-            w = float(value) if eq else math.nan
-        except ValueError:
-            w = math.nan
-        if not _BLOCK_KEY.match(key.strip()) or not math.isfinite(w):
-            raise UsageError(
-                f"cannot read block weight {item!r}, --lora-blocks {text}, write e.g. NAME:down=0,mid=1,up=0.5"
-            )
-        weights[key.strip()] = w
-    if not weights:
-        raise UsageError(f"no block weights given, --lora-blocks {text}, write e.g. NAME:down=0,mid=1,up=0.5")
-    return (name or None), weights
 
 
 def _block_factor(blocks: dict[str, float], path: str) -> float:
