@@ -90,3 +90,54 @@ def unet_lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     if is_lycoris_state(state):  # LoHa/LoKr: peft naming as is (diffusers has no spelling for them)
         return state
     return convert_state_dict_to_diffusers(state)
+
+
+def init_from(path: str, models: dict[str, torch.nn.Module | None], cfg_lora) -> int:
+    """Copy an existing LoRA file (diffusers or kohya layout) into the freshly injected adapters.
+
+    The file must describe exactly the adapter the config builds (same layers, rank and alpha):
+    anything else would silently train a different model than the config says. Returns the
+    number of layers loaded.
+    """
+    from loracraft.infer.formats import read_lora
+
+    if cfg_lora.type != "lora" or cfg_lora.use_dora:
+        raise ConfigError(f"lora.init_from supports plain LoRA only, lora.type={cfg_lora.type}"
+                          f"{' with use_dora' if cfg_lora.use_dora else ''}, remove lora.init_from")
+    adapter = read_lora(path)
+    expected = {"unet": (cfg_lora.rank, cfg_lora.alpha)}
+    if cfg_lora.text_encoder is not None:
+        expected["text_encoder"] = expected["text_encoder_2"] = (cfg_lora.text_encoder.rank, cfg_lora.text_encoder.alpha)
+    loaded = 0
+    with torch.no_grad():
+        for component, model in models.items():
+            if model is None:
+                continue
+            trained = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+            mods = adapter.modules.get(component, {})
+            if set(mods) != trained:
+                _mismatch(path, component, sorted(set(mods) - trained), sorted(trained - set(mods)))
+            rank, alpha = expected[component]
+            for name, mod in mods.items():
+                if mod.rank != rank or abs(mod.alpha - alpha) > 1e-6 * max(1.0, alpha):
+                    key = "lora" if component == "unet" else "lora.text_encoder"
+                    raise ConfigError(f"lora.init_from has rank {mod.rank} / alpha {mod.alpha:g} at {component} {name}, "
+                                      f"{path}, set {key}.rank={mod.rank} and {key}.alpha={mod.alpha:g} (config: "
+                                      f"{rank} / {alpha:g})")
+                module = model.get_submodule(name)
+                for weight, value in ((module.lora_A["default"].weight, mod.down), (module.lora_B["default"].weight, mod.up)):
+                    if value.numel() != weight.numel():
+                        raise ConfigError(f"lora.init_from {component} {name} has shape {tuple(value.shape)}, {path}, "
+                                          f"the base's layer needs {tuple(weight.shape)}: the file was trained on another base")
+                    weight.copy_(value.reshape(weight.shape).to(weight.dtype))
+                loaded += 1
+    for component in adapter.modules:
+        if models.get(component) is None and adapter.modules[component]:
+            _mismatch(path, component, sorted(adapter.modules[component]), [])
+    return loaded
+
+
+def _mismatch(path, component: str, extra: list[str], missing: list[str]) -> None:
+    what = (f"adapts {len(extra)} {component} layers the config does not train (e.g. {extra[0]})" if extra else
+            f"lacks {len(missing)} {component} layers the config trains (e.g. {missing[0]})")
+    raise ConfigError(f"lora.init_from {what}, {path}, set lora.targets / lora.text_encoder to the file's layers")

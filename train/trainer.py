@@ -47,7 +47,7 @@ from loracraft.train.data import (
 )
 from loracraft.train.dreambooth import DreamBooth, PairedExamples, dreambooth_problems, paired_collate
 from loracraft.train.ema import AdapterEMA
-from loracraft.train.lora import inject_lora, inject_text_encoder_lora, unet_lora_state_dict
+from loracraft.train.lora import init_from, inject_lora, inject_text_encoder_lora, unet_lora_state_dict
 from loracraft.train.loss import (
     diffusion_loss,
     loss_options,
@@ -165,6 +165,7 @@ class LoraTrainer:
         self.lora_config = inject_lora(self.c.unet, self.cfg.lora)
         self.te_lora_config = inject_text_encoder_lora(self.c.text_encoder, self.cfg.lora)
         self.te2_lora_config = inject_text_encoder_lora(self.c.text_encoder_2, self.cfg.lora)  # SDXL only
+        self._init_from()  # lora.init_from: an existing adapter's weights (a resume overrides them)
         self.trainables = self._setup_trainables()
         self.optimizer = self._setup_optimizer()
         self.lr_scheduler = self._setup_lr_scheduler()
@@ -255,6 +256,9 @@ class LoraTrainer:
             allow_config_change=self.cfg.checkpoint.allow_config_change, resume=self.cfg.checkpoint.resume,
             checkpoints=self._find_resume_checkpoint(),
         )
+        # Every rank has looked at the folder before the main process clears or claims it: a rank that
+        # looked later would see a different folder and take another branch (and another collective).
+        self.accelerator.wait_for_everyone()
         if isinstance(decision, run_dir.Refuse):
             raise UsageError(decision.reason)
         if isinstance(decision, run_dir.Complete):
@@ -305,6 +309,15 @@ class LoraTrainer:
         if self.cfg.train.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
         return c
+
+    def _init_from(self) -> None:
+        path = self.cfg.lora.init_from
+        if path is None or self.resume_from is not None:
+            return
+        c = self.c
+        n = init_from(path, {"unet": c.unet, "text_encoder": c.text_encoder if self.te_lora_config else None,
+                             "text_encoder_2": c.text_encoder_2 if self.te2_lora_config else None}, self.cfg.lora)
+        self._print(f"lora.init_from: {n} layers from {path}; the optimizer starts fresh")
 
     def _setup_trainables(self) -> dict[str, torch.nn.Parameter]:
         """Name -> LoRA parameter; text-encoder ones are prefixed ``text_encoder.`` (``text_encoder_2.``)."""
