@@ -193,6 +193,14 @@ def test_non_local_bind_without_auth_is_refused(tmp_path):
     assert not (tmp_path / ".ui").exists()
 
 
+def test_bad_allow_host_is_a_usage_error(tmp_path):
+    proc = _ui("--allow-host", "http://proxy", "--runs-dir", str(tmp_path / "runs"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "loracraft: error: not a host name, --allow-host http://proxy, give NAME or NAME:PORT (e.g. localhost:8888)"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_auth_rules():
     assert is_local("127.0.0.1") and is_local("localhost") and is_local("::1") and is_local("127.0.0.2")
     assert not is_local("0.0.0.0") and not is_local("192.168.1.5") and not is_local("example.org")
