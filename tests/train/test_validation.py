@@ -103,3 +103,43 @@ def test_bad_fraction_and_missing_folder_are_one_line_errors(tiny_sd, tiny_datas
         make_trainer(tiny_sd, tiny_dataset, tmp_path / "a", setup=False, **{"validation.heldout": 0.6})
     with pytest.raises(ConfigError, match="held-out folder not found"):
         make_trainer(tiny_sd, tiny_dataset, tmp_path / "b", **{"validation.heldout": str(tmp_path / "nope")})
+
+
+def _cells(page):
+    """Rows of the checkpoints table as lists of cell texts."""
+    import re
+
+    section = page.split('id="checkpoints"', 1)[1].split("<h2", 1)[0]
+    return [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", section) if "<td>" in row]
+
+
+def test_report_lists_every_checkpoint_with_its_loss_and_names_the_minimum(heldout_run):
+    from loracraft.train.commands.report import write_report
+
+    _, run = heldout_run
+    page = write_report(run, sweep=False).read_text()
+    losses = {s: json.loads((run / "checkpoints" / f"step-{s:06d}" / "heldout.json").read_text())["heldout_loss"]
+              for s in (3, 6)}
+    rows = _cells(page)
+    assert [int(r[0]) for r in rows] == [3, 6]
+    for r in rows:
+        assert float(r[1]) == pytest.approx(losses[int(r[0])], abs=1e-5)
+        assert r[2] == "pytorch_lora_weights.safetensors" and r[3] == f"run-step-{int(r[0]):06d}.safetensors"
+    best = min(losses, key=losses.get)
+    assert f"Best checkpoint: <strong>step {best}</strong>" in page
+
+
+def test_report_without_heldout_says_what_names_a_best_checkpoint(heldout_run, tmp_path):
+    import shutil
+
+    from loracraft.train.commands.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(heldout_run[1], run)
+    for f in run.glob("checkpoints/*/heldout.json"):
+        f.unlink()
+    metrics = run / "logs" / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in _rows(run) if "heldout_loss" not in r))
+    page = write_report(run, sweep=False).read_text()
+    assert "Best checkpoint" not in page and "<code>validation.heldout</code>" in page
+    assert [r[1] for r in _cells(page)] == ["n/a", "n/a"]

@@ -20,11 +20,75 @@ from loracraft.infer.names import run_adapter_file
 SWEEP_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def _metric_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "logs" / "metrics.jsonl"
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The training-loss rows (``{"step", "loss", "lr"}``); held-out rows are in :func:`read_heldout_rows`."""
+    return [r for r in _metric_rows(run_dir) if "loss" in r]
+
+
+def read_heldout_rows(run_dir: Path) -> dict[int, float]:
+    """``{step: held-out loss}`` as logged during training (step 0 = before training)."""
+    return {int(r["step"]): float(r["heldout_loss"]) for r in _metric_rows(run_dir) if "heldout_loss" in r}
+
+
+def checkpoint_rows(run_dir: Path) -> list[dict]:
+    """One row per kept checkpoint: step, held-out loss (None without validation.heldout), its
+    adapter files and its validation grid."""
+    from loracraft.train.checkpoint import list_checkpoints
+    from loracraft.train.validation import read_heldout
+
+    logged = read_heldout_rows(run_dir)
+    rows = []
+    for step, folder in list_checkpoints(run_dir / "checkpoints"):
+        loss = read_heldout(folder)
+        kohya = sorted(folder.glob(f"*-step-{step:06d}.safetensors"))
+        diffusers = sorted(folder.glob("*_weights.safetensors"))
+        grid = run_dir / "samples" / f"step-{step:06d}.png"
+        rows.append({"step": step, "heldout_loss": loss if loss is not None else logged.get(step), "folder": folder,
+                     "diffusers": diffusers[0] if diffusers else None, "kohya": kohya[0] if kohya else None,
+                     "samples": grid if grid.is_file() else None})
+    return rows
+
+
+def best_checkpoint(rows: list[dict]) -> dict | None:
+    """The checkpoint with the lowest held-out loss; None when no checkpoint has one."""
+    scored = [r for r in rows if r["heldout_loss"] is not None]
+    return min(scored, key=lambda r: r["heldout_loss"]) if scored else None
+
+
+def checkpoints_html(run_dir: Path) -> str:
+    rows, before = checkpoint_rows(run_dir), read_heldout_rows(run_dir).get(0)
+    if not rows:
+        return "<p>no checkpoints kept (checkpoint.every, checkpoint.keep)</p>"
+    best = best_checkpoint(rows)
+    if best is None:
+        head = ("<p>No held-out loss was measured, so no checkpoint can be named best: set "
+                "<code>validation.heldout</code> (a folder of captioned images, or a fraction such as 0.1) "
+                "and train again.</p>")
+    else:
+        base = f" (before training: {before:.5f})" if before is not None else ""
+        head = (f'<p class="best">Best checkpoint: <strong>step {best["step"]}</strong>, held-out loss '
+                f'{best["heldout_loss"]:.5f}{base}; its files are in '
+                f'<code>{html.escape(str(best["folder"]))}</code>.</p>')
+
+    def cell(row: dict) -> str:
+        loss = "n/a" if row["heldout_loss"] is None else f"{row['heldout_loss']:.5f}"
+        files = [html.escape(row[k].name) if row[k] is not None else "-" for k in ("diffusers", "kohya")]
+        grid = (f'<img alt="samples step {row["step"]}" src="{_png_data_uri(_open(row["samples"]))}">'
+                if row["samples"] is not None else "-")
+        mark = ' class="best"' if best is not None and row is best else ""
+        return (f"<tr{mark}><td>{row['step']}</td><td>{loss}</td><td>{files[0]}</td><td>{files[1]}</td>"
+                f"<td>{grid}</td></tr>")
+
+    table = ("<table><tr><th>step</th><th>held-out loss</th><th>diffusers file</th><th>kohya file</th>"
+             "<th>samples</th></tr>" + "".join(cell(r) for r in rows) + "</table>")
+    return head + table
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -133,6 +197,7 @@ def write_report(run_dir: str | Path, sweep: bool = True) -> Path:
                       f"columns: {html.escape(' | '.join(prompts))}</p>"
                       f'<img class="pixel" alt="scale sweep" src="{_png_data_uri(grid)}">')
     parts.append('<h2 id="sweep">LoRA scale sweep</h2>' + sweep_html)
+    parts.append('<h2 id="checkpoints">Checkpoints</h2>' + checkpoints_html(run_dir))
     eval_path = run_dir / "eval.json"
     if eval_path.is_file():
         ev = json.loads(eval_path.read_text(encoding="utf-8"))
@@ -141,7 +206,8 @@ def write_report(run_dir: str | Path, sweep: bool = True) -> Path:
                  + html.escape(json.dumps(manifest, indent=2, sort_keys=True)) + "</pre>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-             "img.pixel,figure img{image-rendering:pixelated;min-width:256px}figure{display:inline-block;margin:4px}"
+             "img.pixel,figure img,td img{image-rendering:pixelated;min-width:256px}tr.best{background:#e8f5e9}"
+             "figure{display:inline-block;margin:4px}"
              "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}")
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>loracraft report: "
             f"{html.escape(run_dir.name)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
