@@ -59,10 +59,10 @@ class ModelCfg(_Section):
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="override the scheduler's prediction type"
     )
-    clip_skip: int | None = Field(
-        None, ge=0, description="train on the text encoder's output this many layers before the usual one "
-        "(diffusers' clip_skip: 1 = penultimate layer on SD1/2, = A1111/kohya 'clip skip 2'); generate with the "
-        "same clip_skip. null/0 = off",
+    clip_skip: int = Field(
+        1, ge=1, description="CLIP layer the prompts are read from, counted as A1111, kohya and loracraft generate "
+        "--clip-skip count it: 1 = the last (SDXL: its usual penultimate), 2 = the one before it; generate with "
+        "the same value",
     )
 
 
@@ -331,6 +331,20 @@ class TrainCfg(_Section):
     on_nan: Literal["stop", "skip"] = Field(
         "stop", description="non-finite loss: stop (exit 1, last checkpoint kept) or skip the batch"
     )
+    threads: int | str | None = Field(
+        None, description="CPU threads of a step: null = PyTorch's choice (OMP_NUM_THREADS); N = fixed; auto = "
+        "measure N vs 1 thread during the run and keep the faster (fast on a busy machine, but the weights then "
+        "differ in the last bits from run to run)",
+    )
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError("train.threads must be a positive integer, auto or null")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -537,6 +551,7 @@ class Config(_Section):
         d["data"].pop("on_error", None)
         d["data"].pop("allow_outside_links", None)
         d["data"].pop("num_workers", None)  # where images are decoded changes no result
+        d["train"].pop("threads", None)  # summation order only (last bits), like another machine
         return d
 
 
