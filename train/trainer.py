@@ -66,6 +66,7 @@ from loracraft.train.preserve import (
     preserved_rows,
     select_rows,
 )
+from loracraft.train.samples import generate_samples, sample_grid, sample_prompts
 from loracraft.train.threads import thread_policy
 from loracraft.train.validation import (
     encode_heldout,
@@ -115,6 +116,7 @@ class LoraTrainer:
     def __init__(self, cfg: Config):
         validate_before_load(cfg)
         self.cfg = cfg
+        self.sample_prompts = sample_prompts(cfg.validation)  # validation.prompts + prompt_file, checked now
         self.run_dir = Path(cfg.output.dir)
         self.dreambooth = DreamBooth(cfg, self._print) if cfg.dreambooth else None
         self.step = 0  # optimizer steps done; optimizer_step() advances it
@@ -443,7 +445,7 @@ class LoraTrainer:
         cached encoders off the GPU for the same reason). Moved to the meta device rather than
         deleted, so an accidental use fails loudly instead of silently computing garbage.
         Every image set's plan counts (DreamBooth's class images have their own)."""
-        c, validating = self.c, bool(self.cfg.validation.prompts)
+        c, validating = self.c, bool(self.sample_prompts)
         latents, text = all(p.latents for p in plans), all(p.text for p in plans)
         dead = []
         # StableDiffusionXLPipeline moves latents to the VAE's device, which diffusers reads from its
@@ -609,7 +611,7 @@ class LoraTrainer:
                 self._record(loss, bar)
                 if self.step % self.cfg.checkpoint.every == 0 or self._signal is not None:
                     self._checkpoint()
-                if self.cfg.validation.prompts and self.step % self.cfg.validation.every == 0:
+                if self.sample_prompts and self.step % self.cfg.validation.every == 0:
                     self.validate()
                 if self._signal is not None:
                     self._stop_on_signal()
@@ -739,13 +741,11 @@ class LoraTrainer:
         acc, v = self.accelerator, self.cfg.validation
         path = None
         if acc.is_main_process:
-            from diffusers.utils import make_image_grid
-
             with self._ema_weights(v.use_ema):
-                images = self._generate(v.prompts, v.num_images)
+                rows = self._generate(self.sample_prompts)
             path = self.run_dir / "samples" / f"step-{self.step:06d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            make_image_grid(images, rows=len(v.prompts), cols=v.num_images).save(path)
+            sample_grid(rows).save(path)
         acc.wait_for_everyone()
         return path
 
@@ -778,19 +778,15 @@ class LoraTrainer:
         """Step 0 of a fresh run: the held-out loss of the untrained adapter (and samples with validation.at_start)."""
         if self.step == 0:
             self._log_heldout()
+            if self.cfg.validation.at_start and self.sample_prompts:
+                self.validate()
 
-    def _generate(self, prompts: list[str], per_prompt: int) -> list:
+    def _generate(self, prompts) -> list[list]:
         """Validation images through ``loracraft.infer.generation`` (the code users generate with),
-        with the base's own inference scheduler and fixed seeds (prompt-major: seed, seed+1, ...)."""
-        from loracraft.infer.generation import generate
-
-        c, v = self.c, self.cfg.validation
-        pipe = inference_pipeline(c, self.accelerator.unwrap_model(self.unet))
+        with the base's own inference scheduler and fixed seeds (``samples.generate_samples``)."""
+        pipe = inference_pipeline(self.c, self.accelerator.unwrap_model(self.unet))
         pipe.set_progress_bar_config(disable=True)
-        res = self.cfg.data.resolution
-        out = generate(pipe, prompts, seed=v.seed, steps=v.steps, guidance=v.guidance,
-                       num_images_per_prompt=per_prompt, width=res, height=res)
-        return [g.image for g in out]
+        return generate_samples(pipe, prompts, self.cfg.validation, self.cfg.data.resolution)
 
     # ------------------------------------------------------------------ finish
     def cleanup(self) -> Path:

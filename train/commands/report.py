@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import sys
 from pathlib import Path
 
 from loracraft.infer.errors import UsageError
@@ -141,16 +142,19 @@ def sweep_grid(run_dir: Path, manifest: dict, prompts: list[str]):
     v, res = cfg["validation"], cfg["data"]["resolution"]
     pipe = load_base(cfg["model"]["base"], revision=cfg["model"].get("revision"), variant=cfg["model"].get("variant"))
     load_adapter(pipe, run_adapter_file(run_dir))
-    rows = sweep_scales(
-        pipe, SWEEP_SCALES, prompt=prompts, seed=v["seed"], steps=v["steps"], guidance=v["guidance"],
-        width=res, height=res,
-    )
+    rows = []
+    for i, scale in enumerate(SWEEP_SCALES):  # one scale at a time, to show progress; same seeds each
+        print(f"report: scale sweep {i + 1}/{len(SWEEP_SCALES)}", file=sys.stderr, flush=True)
+        rows += sweep_scales(
+            pipe, [scale], prompt=prompts, seed=v["seed"], steps=v["steps"], guidance=v["guidance"],
+            width=res, height=res,
+        )
     images = [g.image for row in rows for g in row]
     return make_grid(images, rows=len(SWEEP_SCALES), cols=len(prompts))
 
 
 def _sweep_prompts(manifest: dict) -> list[str]:
-    prompts = list(manifest["config"]["validation"]["prompts"])
+    prompts = [p["prompt"] if isinstance(p, dict) else p for p in manifest["config"]["validation"]["prompts"]]
     if prompts:
         return prompts[:4]
     from loracraft.train.data import load_captioned_images
