@@ -83,7 +83,11 @@ def register(subparsers) -> None:
         type=int,
         help="condition on the CLIP layer N from the end (1 = last, default; A1111 counting)",
     )
-    g.add_argument("--prompt", action="append", help="text prompt; repeat for several prompts")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        help="text prompt in A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:W>, any length; repeat for several",
+    )
     g.add_argument("--negative-prompt", help="negative prompt (applies to every prompt)")
     g.add_argument("--seed", type=int, help="first seed; image i uses seed+i (default: random, recorded)")
     g.add_argument("--steps", type=int, help=f"denoising steps (default {_DEFAULTS['steps']})")
@@ -110,7 +114,11 @@ def register(subparsers) -> None:
     g.add_argument("--init-image", help="start image: img2img (with --mask: inpainting)")
     g.add_argument("--mask", help="inpainting mask for --init-image (white = repaint)")
     g.add_argument("--strength", type=float, help="how much of --init-image to change, (0, 1] (default 0.75)")
-    g.add_argument("--from-png", metavar="IMG", help="regenerate an image from the record in its PNG")
+    g.add_argument(
+        "--from-png",
+        metavar="IMG",
+        help="regenerate an image from the record in its PNG (loracraft's, or A1111's parameters with --base)",
+    )
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin files (can run code)")
     g.add_argument("--attention-slicing", action="store_true", help="slice attention (less memory, slower)")
     g.set_defaults(func=cmd_generate)
