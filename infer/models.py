@@ -156,12 +156,16 @@ def _load_folder(path: Path, *, variant, dtype, revision):
         raise ModelError(f"cannot load diffusers model ({_first_line(e)}), {path}, {fix}") from e
 
 
-def _load_single_file(path: Path, *, config, dtype, allow_pickle):
+def check_single_file(
+    path: Path, config, allow_pickle: bool, config_flag: str = "--base-config", pickle_flag: str = "--allow-pickle"
+) -> Path:
+    """Everything about a single-file checkpoint that can be refused before reading it; returns
+    its config folder. The flags name the option the user has (generate's, or the config's keys)."""
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelError(
             f"refusing to load a pickle checkpoint (loading it can run arbitrary code), {path}, "
-            "convert it to .safetensors or pass --allow-pickle if you trust its source",
+            f"convert it to .safetensors or pass {pickle_flag} if you trust its source",
             exit_code=2,
         )
     if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
@@ -172,17 +176,22 @@ def _load_single_file(path: Path, *, config, dtype, allow_pickle):
     if config is None:
         raise ModelError(
             f"a single-file checkpoint needs its diffusers config folder (no hub access to fetch it), {path}, "
-            "pass --base-config DIR (a diffusers folder of the same architecture, weights not needed)",
+            f"pass {config_flag} DIR (a diffusers folder of the same architecture, weights not needed)",
             exit_code=2,
         )
     config = Path(config).expanduser()
     if not config.exists():
-        raise ModelNotFound(f"--base-config folder not found, {config}, check the path")
+        raise ModelNotFound(f"{config_flag} folder not found, {config}, check the path")
     if not (config / "model_index.json").is_file():
         raise ModelError(
-            f"--base-config is not a diffusers folder (no model_index.json), {config}, pass the config folder "
+            f"{config_flag} is not a diffusers folder (no model_index.json), {config}, pass the config folder "
             "of the same architecture"
         )
+    return config
+
+
+def _load_single_file(path: Path, *, config, dtype, allow_pickle):
+    config = check_single_file(path, config, allow_pickle)
     # An SDXL checkpoint must be read by the XL class: the SD1 class has no second text encoder.
     cls = pipeline_class(folder_family(config))
     try:

@@ -19,8 +19,10 @@ PICKLE_EXTS = {".ckpt", ".pt", ".pth", ".bin"}
 def check_base(base: str, config: str | None = None, allow_pickle: bool = False) -> None:
     """Fail fast (before any weights load) when ``base`` cannot be a Stable Diffusion model."""
     p = Path(base).expanduser()
-    if p.is_file():
-        check_single_file(p, config, allow_pickle)
+    if p.is_file():  # diffusers' from_single_file, with a local config folder (no hub access)
+        from loracraft.infer.models import check_single_file
+
+        check_single_file(p, config, allow_pickle, config_flag="model.config", pickle_flag="model.allow_pickle=true")
         return
     if p.exists() and not (p / "model_index.json").is_file():
         raise ModelError(
@@ -29,32 +31,6 @@ def check_base(base: str, config: str | None = None, allow_pickle: bool = False)
         )
     if not p.exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
         raise ModelNotFound(f"model.base folder not found, {p}, check the path or give a hub id like org/name")
-
-
-def check_single_file(path: Path, config: str | None, allow_pickle: bool) -> None:
-    """A single-file (A1111/LDM layout) checkpoint is loaded by diffusers' ``from_single_file``
-    with a local config folder: without one diffusers would fetch the configs from the hub."""
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_EXTS and not allow_pickle:
-        raise ModelError(
-            f"model.base is a pickle checkpoint (loading it can run arbitrary code), {path}, convert it to "
-            ".safetensors or set model.allow_pickle=true if you trust its source",
-            exit_code=2,
-        )
-    if suffix != ".safetensors" and suffix not in PICKLE_EXTS:
-        raise ModelError(f"model.base is not a model checkpoint (.safetensors or .ckpt), {path}, pass a diffusers "
-                         "folder, a single-file .safetensors checkpoint or a hub id")
-    if config is None:
-        raise ConfigError(
-            f"model.base is a single-file checkpoint, {path}, set model.config to a diffusers folder of the same "
-            "architecture (model_index.json and component configs; the weights are not needed)"
-        )
-    folder = Path(config).expanduser()
-    if not folder.exists():
-        raise ModelNotFound(f"model.config folder not found, {folder}, check the path")
-    if not (folder / "model_index.json").is_file():
-        raise ModelError(f"model.config is not a diffusers folder (no model_index.json), {folder}, pass the "
-                         "config folder of the checkpoint's architecture (SD1, SD2 or SDXL)")
 
 
 @dataclass

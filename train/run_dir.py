@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import fnmatch
+import glob
 import json
 import os
 import shutil
@@ -241,7 +242,12 @@ def owned_entries(path: str | Path) -> list[Path]:
     if not path.is_dir():
         return []
     found = []
-    file_patterns = RUN_FILES + tuple(f".{p}.*.tmp" for p in RUN_FILES)
+    # + the kohya-layout single file named after the run folder (``runs/mystyle/mystyle.safetensors``)
+    own = RUN_FILES + (
+        f"{glob.escape(path.absolute().name)}.safetensors",
+        f"{glob.escape(path.absolute().name)}-*.safetensors",
+    )
+    file_patterns = own + tuple(f".{p}.*.tmp" for p in own)
     for name in sorted(os.listdir(path)):
         p = path / name
         if name in RUN_SUBTREES and p.is_dir() and not p.is_symlink():

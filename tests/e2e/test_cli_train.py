@@ -141,7 +141,7 @@ def test_single_file_base_refusals(tiny_sd, tiny_dataset, tmp_path, capsys):
     pickled = tmp_path / "m.ckpt"
     pickled.write_bytes(b"x")
     cases = [
-        ((single,), 2, "set model.config to a diffusers folder"),
+        ((single,), 2, "pass model.config DIR"),
         ((single, f"model.config={tmp_path / 'nope'}"), 2, "model.config folder not found"),
         ((single, f"model.config={tmp_path}"), 2, "model.config is not a diffusers folder"),
         ((pickled, f"model.config={tiny_sd}"), 2, "model.allow_pickle=true"),

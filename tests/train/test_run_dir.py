@@ -205,6 +205,8 @@ def test_clear_keeps_user_entries_and_the_folder(tmp_path):
         ".run.json.abc123.tmp",
         "notes.txt",
         "my.safetensors",
+        f"{tmp_path.name}.safetensors",  # the kohya file is named after the run folder
+        f"{tmp_path.name}-ema.safetensors",
     ]
     for n in names:
         (tmp_path / n).write_text(legacy_manifest() if n == "run.json" else "x")

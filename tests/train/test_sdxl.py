@@ -246,7 +246,7 @@ def test_sdxl_recipe_trains_tiny_model_with_buckets_cache_bf16_and_validation(ti
 def test_heldout_loss_of_loracraft_eval_works_on_sdxl(tiny_sdxl, sdxl_data):
     """`loracraft eval`'s held-out loss conditions the UNet the way training does (SDXL: pooled + time ids)."""
     from loracraft.infer.models import load_base
-    from loracraft.train.commands.evaluate import heldout_loss
+    from loracraft.train.validation import heldout_loss
 
     images = load_captioned_images(str(sdxl_data))
     pipe = load_base(tiny_sdxl)

@@ -32,7 +32,6 @@ import numpy as np
 
 from loracraft.infer.errors import UsageError
 from loracraft.infer.io import write_json_atomic
-from loracraft.train.validation import heldout_loss
 
 #: Figures of the toy world are only meaningful with its own trigger.
 TOY_TRIGGER = "in lcstyle style"
@@ -171,6 +170,7 @@ def evaluate(
     from loracraft.infer.models import load_base
     from loracraft.infer.names import run_adapter_file
     from loracraft.train.data import load_captioned_images
+    from loracraft.train.validation import heldout_loss  # torch: imported by the command, not by --help
 
     run_dir = Path(run_dir)
     cfg = _read_manifest(run_dir)["config"]
