@@ -51,6 +51,8 @@ _EXPORTS = {
     "save_png": "loracraft.infer.generation",
     "make_grid": "loracraft.infer.generation",
     "set_scheduler": "loracraft.infer.generation",
+    "denoise": "loracraft.infer.denoise",
+    "encode_prompts": "loracraft.infer.denoise",
 }
 
 __all__ = ["LoracraftError", "AdapterError", "ModelError", "UsageError", *_EXPORTS]
@@ -84,6 +86,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         unfuse,
         unload,
     )
+    from loracraft.infer.denoise import denoise, encode_prompts  # noqa: F401
     from loracraft.infer.formats import (  # noqa: F401
         LORA_WEIGHT_NAME,
         LoraAdapter,
