@@ -149,7 +149,7 @@ def cache_plan(cfg, sizes: list[tuple[int, int]], targets: list[tuple[int, int]]
         text = False
     root = Path(t.cache_dir) if t.cache_dir else default_cache_dir()
     flips = (False, True) if d.random_flip else (False,)
-    variant = ("clip_skip", cfg.model.clip_skip) if cfg.model.clip_skip else ()
+    variant = ("clip_skip", cfg.model.clip_skip) if cfg.model.clip_skip > 1 else ()
     if cfg.data.max_token_length != 75:
         variant += ("max_token_length", cfg.data.max_token_length)
     return CachePlan(latents, text, notes, root, flips, variant)

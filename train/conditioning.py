@@ -21,28 +21,34 @@ from dataclasses import dataclass, replace
 import torch
 
 from loracraft.infer.errors import ConfigError
+from loracraft.infer.prompts import build_chunks
 
 TextEmbeds = dict[str, torch.Tensor]
 
 
 def _token_ids(tokenizer, captions: Sequence[str], device, chunks: int = 1) -> torch.Tensor:
-    """``[B * chunks, 77]`` token ids: each caption cut into ``chunks`` windows of 75 tokens,
-    each window ``BOS + tokens + EOS`` padded to 77 like the tokenizer pads one (A1111's long
-    prompts; window 1 alone is exactly what the tokenizer gives with truncation)."""
+    """``[B * chunks, 77]`` token ids. One window: what the tokenizer gives with truncation.
+    More: each caption cut into ``chunks`` windows of ``BOS + 75 tokens + EOS`` by the same
+    :func:`loracraft.infer.prompts.build_chunks` that ``loracraft generate`` cuts long prompts
+    with (A1111's windows, a phrase after a comma near a window's end moved to the next), the
+    caption taken literally (no emphasis syntax), windows past ``chunks`` dropped."""
     length = tokenizer.model_max_length
     if chunks == 1:
         ids = tokenizer(
             list(captions), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
         ).input_ids
         return ids.to(device)
-    per = length - 2
-    bodies = tokenizer(list(captions), add_special_tokens=False, verbose=False).input_ids
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    comma = tokenizer.get_vocab().get(",</w>")
     rows = []
-    for body in bodies:
-        for k in range(chunks):
-            part = body[k * per : (k + 1) * per]
-            rows.append([bos, *part, eos] + [pad] * (per - len(part)))
+    for caption in captions:
+        windows = build_chunks([(caption, 1.0)], tokenize, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
+                               pad=pad, min_chunks=chunks, comma=comma)
+        rows += [w.ids for w in windows[:chunks]]
     return torch.tensor(rows, device=device)
 
 
@@ -51,7 +57,7 @@ def _per_caption(hidden: torch.Tensor, chunks: int) -> torch.Tensor:
     return hidden.reshape(hidden.shape[0] // chunks, chunks * hidden.shape[1], hidden.shape[2])
 
 
-def _layer_back(out, back: int, clip_skip: int | None) -> torch.Tensor:
+def _layer_back(out, back: int, clip_skip: int) -> torch.Tensor:
     """``hidden_states[-(back + 1)]``: the output ``back`` layers before the last."""
     layers = len(out.hidden_states) - 1  # hidden_states[0] is the token embedding, before any layer
     if back >= layers:
@@ -63,39 +69,39 @@ def _layer_back(out, back: int, clip_skip: int | None) -> torch.Tensor:
 
 
 def encode_prompt_sd(
-    tokenizers, text_encoders, captions: Sequence[str], device, clip_skip: int | None = None, chunks: int = 1
+    tokenizers, text_encoders, captions: Sequence[str], device, clip_skip: int = 1, chunks: int = 1
 ) -> TextEmbeds:
     """SD1.x/2.x: the text encoder's last hidden state (``{"text_embeds": (B, 77, D)}``).
 
-    With ``clip_skip`` = k, the hidden state k layers before the last, through the encoder's
-    final layer norm, as diffusers' ``StableDiffusionPipeline.encode_prompt(clip_skip=k)`` and
-    kohya's ``--clip_skip k+1`` (A1111's "Clip skip" k+1) compute it. With ``chunks`` = n,
+    ``clip_skip`` counts as A1111, kohya and ``loracraft generate --clip-skip`` do: 1 = the last
+    layer, k = the hidden state k - 1 layers before it, through the encoder's final layer norm
+    (diffusers' ``StableDiffusionPipeline.encode_prompt(clip_skip=k - 1)``). With ``chunks`` = n,
     captions up to n x 75 tokens, each window encoded on its own: ``(B, n x 77, D)``.
     """
     encoder, ids = text_encoders[0], _token_ids(tokenizers[0], captions, device, chunks)
-    if not clip_skip:
+    if clip_skip <= 1:
         return {"text_embeds": _per_caption(encoder(ids)[0], chunks)}
-    hidden = _layer_back(encoder(ids, output_hidden_states=True), clip_skip, clip_skip)
+    hidden = _layer_back(encoder(ids, output_hidden_states=True), clip_skip - 1, clip_skip)
     # transformers < 5 nests the layers in ``encoder.text_model``; 5 puts them on the encoder itself
     return {"text_embeds": _per_caption(getattr(encoder, "text_model", encoder).final_layer_norm(hidden), chunks)}
 
 
 def encode_prompt_sdxl(
-    tokenizers, text_encoders, captions: Sequence[str], device, clip_skip: int | None = None, chunks: int = 1
+    tokenizers, text_encoders, captions: Sequence[str], device, clip_skip: int = 1, chunks: int = 1
 ) -> TextEmbeds:
     """SDXL: ``text_embeds`` = concat of both encoders' penultimate hidden states (B, 77, D1 + D2);
     ``pooled_text_embeds`` = ``text_encoder_2``'s projected pooled output (B, P).
 
     The penultimate layer is what SDXL was trained on (and what ``StableDiffusionXLPipeline``
     feeds at inference), so the adapter learns against the same features it will see there.
-    ``clip_skip`` = k goes k layers further back, without a layer norm, as diffusers'
-    ``StableDiffusionXLPipeline.encode_prompt(clip_skip=k)`` does (``hidden_states[-(k + 2)]``).
+    ``clip_skip`` = k > 1 goes k - 1 layers further back, without a layer norm, as diffusers'
+    ``StableDiffusionXLPipeline.encode_prompt(clip_skip=k - 1)`` does (``hidden_states[-(k + 1)]``).
     With ``chunks`` > 1 the pooled embedding is the first window's, as A1111 and kohya take it.
     """
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
         out = encoder(_token_ids(tokenizer, captions, device, chunks), output_hidden_states=True)
-        hidden.append(_per_caption(_layer_back(out, 1 + (clip_skip or 0), clip_skip), chunks))
+        hidden.append(_per_caption(_layer_back(out, max(clip_skip, 1), clip_skip), chunks))
         pooled = getattr(out, "text_embeds", None)  # only CLIPTextModelWithProjection has it
     if pooled is None:
         raise TypeError("SDXL's second text encoder must be a CLIPTextModelWithProjection (no text_embeds output)")
@@ -138,13 +144,13 @@ CONDITIONINGS = {
 }
 
 
-def conditioning_for(family: str, clip_skip: int | None = None, max_token_length: int = 75) -> Conditioning:
-    """The :class:`Conditioning` of ``"sd"`` or ``"sdxl"``, its prompts encoded ``clip_skip``
-    layers before the usual one (``model.clip_skip``; None or 0 = the family's own layer), in
+def conditioning_for(family: str, clip_skip: int = 1, max_token_length: int = 75) -> Conditioning:
+    """The :class:`Conditioning` of ``"sd"`` or ``"sdxl"``, its prompts encoded at CLIP layer
+    ``clip_skip`` (``model.clip_skip``, A1111 counting: 1 = the family's own layer) in
     ``max_token_length / 75`` windows (``data.max_token_length``)."""
     cond = CONDITIONINGS[family]
     chunks = max(1, max_token_length // 75)
-    if not clip_skip and chunks == 1:
+    if clip_skip <= 1 and chunks == 1:
         return cond
     return replace(cond, encode_prompt=functools.partial(cond.encode_prompt, clip_skip=clip_skip, chunks=chunks))
 

@@ -360,14 +360,12 @@ def prior_preservation_loss(
 
 def kohya_metadata(cfg) -> dict[str, str]:
     """The training controls that are on, under kohya sd-scripts' ``ss_*`` metadata keys (what
-    A1111's and kohya's LoRA info panels show). Off controls are left out.
-
-    kohya's clip_skip counts the last layer as 1 (``--clip_skip 2`` = penultimate), one more than
-    ``model.clip_skip``; its ``l2`` loss is ``mse`` here.
+    A1111's and kohya's LoRA info panels show). Off controls are left out; kohya's ``l2`` loss
+    is ``mse`` here.
     """
     t = cfg.train
     on = {
-        "ss_clip_skip": cfg.model.clip_skip + 1 if cfg.model.clip_skip else None,
+        "ss_clip_skip": cfg.model.clip_skip if cfg.model.clip_skip > 1 else None,
         "ss_max_token_length": cfg.data.max_token_length if cfg.data.max_token_length != 75 else None,
         "ss_noise_offset": t.noise_offset or None,
         "ss_adaptive_noise_scale": t.adaptive_noise_scale,

@@ -315,12 +315,43 @@ def test_controls_that_are_on_are_named_in_kohyas_metadata_keys():
     from loracraft.train.loss import kohya_metadata
 
     assert kohya_metadata(build_config(BASE)) == {}  # defaults add nothing to the adapter header
-    cfg = build_config(BASE, ["model.clip_skip=1", "data.max_token_length=225", "train.noise_offset=0.05",
+    cfg = build_config(BASE, ["model.clip_skip=2", "data.max_token_length=225", "train.noise_offset=0.05",
                               "train.zero_terminal_snr=true",
                               "train.loss_type=huber", "train.input_perturbation=0.1", "train.debiased_estimation=true"])
     assert kohya_metadata(cfg) == {
-        "ss_clip_skip": "2",  # kohya counts the last layer as 1
+        "ss_clip_skip": "2",
         "ss_max_token_length": "225",
         "ss_noise_offset": "0.05", "ss_zero_terminal_snr": "True", "ss_ip_noise_gamma": "0.1",
         "ss_debiased_estimation": "True", "ss_loss_type": "huber", "ss_huber_schedule": "snr", "ss_huber_c": "0.1",
     }
+
+
+def test_controls_give_two_processes_the_same_result_as_one(tiny_sd, pair, tmp_path, make_trainer):
+    """Every control's draw is keyed by the sample, and multi-resolution noise is normalised per
+    sample, so 2 processes x batch 1 train what 1 process x batch 2 trains (up to the order of
+    the gradient sum)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    controls = {"train.noise_offset": 0.05, "train.adaptive_noise_scale": 0.02, "train.multires_noise_iterations": 3,
+                "train.input_perturbation": 0.1, "train.timestep_sampling": "logit_normal", "train.loss_type": "huber",
+                "train.debiased_estimation": "true", "train.max_steps": 2, "train.lr": 1e-3, "lora.rank": 4}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{base: {tiny_sd}}}\ndata: {{path: {pair}, resolution: 32}}\n"
+                      "output: {report_to: [], report: false}\n")
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "loracraft.train", str(recipe), f"output.dir={tmp_path / 'two'}", "train.batch_size=1",
+         *(f"{k}={v}" for k, v in controls.items())],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = make_trainer(tiny_sd, pair, tmp_path / "one", **controls, **{"train.batch_size": 2})
+    one.train()
+    a = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(one.cleanup()))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

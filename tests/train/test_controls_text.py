@@ -1,5 +1,6 @@
-"""model.clip_skip: prompts encoded like diffusers' pipelines encode them with clip_skip=k,
-the text cache keyed by it, and too large a value refused in one line."""
+"""model.clip_skip and data.max_token_length: captions encoded as diffusers' pipelines
+(clip_skip) and loracraft generate (clip skip, long prompts) encode prompts, the text cache
+keyed by both, too large a clip skip refused in one line."""
 
 import pytest
 import torch
@@ -38,13 +39,14 @@ def diffusers_layer_norm_path(sd_pipe):
     del te.__dict__["text_model"]
 
 
-@pytest.mark.parametrize("clip_skip", [None, 1])
+@pytest.mark.parametrize("clip_skip", [1, 2])
 def test_sd_clip_skip_equals_diffusers_encode_prompt(sd_pipe, clip_skip, diffusers_layer_norm_path):
+    # A1111 counting (1 = last layer) is diffusers' clip_skip + 1
     with torch.no_grad():
-        expected, _ = sd_pipe.encode_prompt(CAPTIONS, "cpu", 1, False, clip_skip=clip_skip)
+        expected, _ = sd_pipe.encode_prompt(CAPTIONS, "cpu", 1, False, clip_skip=clip_skip - 1 or None)
         got = conditioning_for("sd", clip_skip).encode_prompt([sd_pipe.tokenizer], [sd_pipe.text_encoder], CAPTIONS, "cpu")
     torch.testing.assert_close(got["text_embeds"], expected, rtol=0, atol=0)
-    if clip_skip:  # and it is not the plain last layer
+    if clip_skip > 1:  # and it is not the plain last layer
         with torch.no_grad():
             plain = conditioning_for("sd").encode_prompt([sd_pipe.tokenizer], [sd_pipe.text_encoder], CAPTIONS, "cpu")
         assert not torch.allclose(plain["text_embeds"], got["text_embeds"])
@@ -54,7 +56,7 @@ def test_sdxl_clip_skip_equals_diffusers_encode_prompt(sdxl_pipe):
     p = sdxl_pipe
     with torch.no_grad():
         embeds, _, pooled, _ = p.encode_prompt(CAPTIONS, device="cpu", do_classifier_free_guidance=False, clip_skip=1)
-        got = conditioning_for("sdxl", 1).encode_prompt(
+        got = conditioning_for("sdxl", 2).encode_prompt(
             [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2], CAPTIONS, "cpu"
         )
     torch.testing.assert_close(got["text_embeds"], embeds, rtol=0, atol=0)
@@ -64,15 +66,33 @@ def test_sdxl_clip_skip_equals_diffusers_encode_prompt(sdxl_pipe):
 def test_clip_skip_past_the_first_layer_is_a_config_error(sd_pipe):
     layers = sd_pipe.text_encoder.config.num_hidden_layers
     with pytest.raises(ConfigError) as e, torch.no_grad():
-        conditioning_for("sd", layers).encode_prompt([sd_pipe.tokenizer], [sd_pipe.text_encoder], CAPTIONS, "cpu")
-    assert f"model.clip_skip={layers} skips every layer" in str(e.value) and f"use at most {layers - 1}" in str(e.value)
+        conditioning_for("sd", layers + 1).encode_prompt([sd_pipe.tokenizer], [sd_pipe.text_encoder], CAPTIONS, "cpu")
+    assert f"model.clip_skip={layers + 1} skips every layer" in str(e.value) and f"use at most {layers}" in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_training_encodes_captions_as_loracraft_generate_encodes_prompts(family, sd_pipe, sdxl_pipe):
+    """Same CLIP layer, same 75-token windows: what the adapter trains on is what it sees at generation."""
+    from loracraft.infer.denoise import encode_prompts
+
+    pipe = sd_pipe if family == "sd" else sdxl_pipe
+    caption = " ".join(["a"] * 70) + " the red style, on the background with a photo"  # two windows
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    with torch.no_grad():
+        got = conditioning_for(family, 2, 150).encode_prompt(tokenizers, encoders, [caption], "cpu")
+        cond, _ = encode_prompts(pipe, caption, clip_skip=2)
+    # float32 rounding only: training encodes a caption's windows as one batch, generate one by one
+    torch.testing.assert_close(got["text_embeds"], cond.embeds)
+    if family == "sdxl":
+        torch.testing.assert_close(got["pooled_text_embeds"], cond.pooled)
 
 
 def test_clip_skip_keys_the_text_cache(tiny_sd, tiny_dataset, sd_pipe, tmp_path, make_trainer):
     """Cached embeddings of one clip_skip are never read for another: each equals its own encoding."""
     over = {"train.cache_dir": str(tmp_path / "cache"), "train.max_steps": 1}
-    for i, clip_skip in enumerate((None, 1, None)):  # plain entries first, then clip_skip's, then plain again
-        extra = {"model.clip_skip": clip_skip} if clip_skip else {}
+    for i, clip_skip in enumerate((1, 2, 1)):  # plain entries first, then clip skip 2's, then plain again
+        extra = {"model.clip_skip": clip_skip} if clip_skip > 1 else {}
         trainer = make_trainer(tiny_sd, tiny_dataset, tmp_path / f"run{i}", **over, **extra)
         batch = next(trainer.batches)
         assert "text_embeds" in batch  # from the cache
@@ -117,7 +137,7 @@ def test_sdxl_long_captions_keep_the_first_windows_pooled_embedding(sdxl_pipe):
     p = sdxl_pipe
     caption = " ".join(["a"] * 80) + " red cube"
     with torch.no_grad():
-        long = conditioning_for("sdxl", None, 150).encode_prompt(
+        long = conditioning_for("sdxl", 1, 150).encode_prompt(
             [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2], [caption, "blue"], "cpu"
         )
         short = conditioning_for("sdxl").encode_prompt(
