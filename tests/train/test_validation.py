@@ -143,3 +143,31 @@ def test_report_without_heldout_says_what_names_a_best_checkpoint(heldout_run, t
     page = write_report(run, sweep=False).read_text()
     assert "Best checkpoint" not in page and "<code>validation.heldout</code>" in page
     assert [r[1] for r in _cells(page)] == ["n/a", "n/a"]
+
+
+def test_two_processes_log_the_same_heldout_loss_as_one(tiny_sd, tiny_dataset, tmp_path):
+    """Encoding and evaluation happen on the main process only, with no collective in between:
+    a 2-process DDP run finishes (no rank waits forever) and logs what a 1-process run of the
+    same effective batch logs."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {{base: {tiny_sd}}}\ndata: {{path: {tiny_dataset}, resolution: 32}}\nlora: {{rank: 4, alpha: 4}}\n"
+        "train: {max_steps: 4, lr: 1.0e-3}\ncheckpoint: {every: 2}\noutput: {report_to: [], report: false}\n"
+        "validation: {heldout: 0.25, prompts: [a cat], at_start: true, every: 2, num_images: 1, steps: 2}\n"
+    )
+    launch = {2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], 1: [sys.executable]}
+    logged = {}
+    for nproc, batch in ((2, 1), (1, 2)):
+        out = tmp_path / f"p{nproc}"
+        cmd = [*launch[nproc], "-m", "loracraft.train", str(recipe), f"output.dir={out}", f"train.batch_size={batch}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logged[nproc] = {r["step"]: r["heldout_loss"] for r in _rows(out) if "heldout_loss" in r}
+        assert (out / "samples" / "step-000000.png").is_file()
+    assert sorted(logged[2]) == [0, 2, 4]
+    assert logged[2][0] == logged[1][0]
+    for step in (2, 4):
+        assert logged[2][step] == pytest.approx(logged[1][step], rel=1e-4)
