@@ -47,3 +47,18 @@ def test_other_targets_are_refused(finished, tiny_sd, tiny_dataset, tmp_path, ma
     with pytest.raises(ConfigError, match="lacks .* unet layers the config trains"):
         make_trainer(tiny_sd, tiny_dataset, tmp_path / "r", **{"lora.init_from": str(source),
                                                                 "lora.targets": "transformer"})
+
+
+def test_a_resume_takes_precedence_over_init_from(finished, tiny_sd, tiny_dataset, tmp_path, make_trainer):
+    over = {"lora.init_from": str(finished / "pytorch_lora_weights.safetensors"), "train.max_steps": 4}
+    first = make_trainer(tiny_sd, tiny_dataset, tmp_path / "r", **over)
+    for _ in range(2):
+        first.optimizer_step()
+    first._checkpoint()
+    at_checkpoint = {n: p.detach().clone() for n, p in first.trainables.items()}
+    resumed = make_trainer(tiny_sd, tiny_dataset, tmp_path / "r", **over)
+    assert resumed.step == 2
+    for n, p in resumed.trainables.items():
+        assert torch.equal(p.detach(), at_checkpoint[n]), n
+    resumed.optimizer_step()  # and the resumed optimizer state is the checkpoint's, not a fresh one
+    assert all(s for s in resumed.optimizer.optimizer.state.values())

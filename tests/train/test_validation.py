@@ -171,3 +171,19 @@ def test_two_processes_log_the_same_heldout_loss_as_one(tiny_sd, tiny_dataset, t
     assert logged[2][0] == logged[1][0]
     for step in (2, 4):
         assert logged[2][step] == pytest.approx(logged[1][step], rel=1e-4)
+
+
+def test_sdxl_training_figure_equals_loracraft_eval_on_the_pipeline(tiny_sdxl, tiny_dataset, tmp_path, make_trainer):
+    """SDXL: two text encoders and size conditioning; the trainer's figure (encoded at setup) equals
+    the one `loracraft eval` computes from a reloaded pipeline with the checkpoint's adapter."""
+    from loracraft.infer.adapters import load_adapter
+    from loracraft.infer.models import load_base
+    from loracraft.train.validation import heldout_loss
+
+    run = tmp_path / "run"
+    trainer = make_trainer(tiny_sdxl, tiny_dataset, run, **{**OVER, "train.max_steps": 3})
+    trainer.train()
+    logged = json.loads((run / "checkpoints" / "step-000003" / "heldout.json").read_text())["heldout_loss"]
+    pipe = load_base(str(tiny_sdxl))
+    load_adapter(pipe, run / "checkpoints" / "step-000003" / "pytorch_lora_weights.safetensors")
+    assert heldout_loss(pipe, trainer.heldout_images, 32) == pytest.approx(logged, rel=1e-4)
