@@ -187,3 +187,15 @@ def test_sdxl_training_figure_equals_loracraft_eval_on_the_pipeline(tiny_sdxl, t
     pipe = load_base(str(tiny_sdxl))
     load_adapter(pipe, run / "checkpoints" / "step-000003" / "pytorch_lora_weights.safetensors")
     assert heldout_loss(pipe, trainer.heldout_images, 32) == pytest.approx(logged, rel=1e-4)
+
+
+def test_loracraft_eval_uses_the_runs_held_out_share(heldout_run):
+    """eval on a fraction-split run measures the same images: its base figure is the step-0 one
+    (the adapter starts at zero) and its LoRA figure the last checkpoint's (step 6 = the end)."""
+    from loracraft.train.commands.evaluate import evaluate
+
+    _, run = heldout_run
+    logged = {r["step"]: r["heldout_loss"] for r in _rows(run) if "heldout_loss" in r}
+    h = evaluate(run)["heldout_loss"]
+    assert h["base"] == pytest.approx(logged[0], rel=1e-4)
+    assert h["lora"] == pytest.approx(logged[6], rel=1e-4)

@@ -177,6 +177,14 @@ def evaluate(
     trigger = resolve_trigger(cfg, trigger)
     heldout_dir = find_heldout(cfg, run_dir, heldout)
     images = load_captioned_images(str(heldout_dir)) if heldout_dir else None
+    fraction = (cfg.get("validation") or {}).get("heldout")
+    if images is None and isinstance(fraction, float):  # the share of the data the run set aside
+        from loracraft.train.validation import split_heldout
+
+        d = cfg["data"]
+        data = load_captioned_images(str(_run_path(d["path"], run_dir)), d["image_column"], d["caption_column"])
+        images = split_heldout(data, fraction, cfg["train"]["seed"])[1]
+        heldout_dir = f"{fraction:g} of {d['path']} (validation.heldout)"
     captions = [images.caption(i) for i in range(len(images))] if images else []
     res, v = cfg["data"]["resolution"], cfg["validation"]
     model = cfg["model"]

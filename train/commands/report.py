@@ -1,7 +1,8 @@
 """``report.html``: one self-contained page per run (images inlined) to judge a LoRA at a glance.
 
 Sections: run summary, loss (raw + smoothed) and LR curves, validation grids over training,
-a LoRA-scale sweep (0 .. 1) on fixed seeds, evaluation figures (``eval.json``) when present,
+a LoRA-scale sweep (0 .. 1) on fixed seeds, the checkpoints side by side (held-out loss, files,
+samples; the lowest held-out loss named best), evaluation figures (``eval.json``) when present,
 and the full manifest. Written at the end of every run and by ``loracraft report RUN_DIR``.
 """
 
