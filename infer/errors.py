@@ -2,7 +2,7 @@
 
 Each message follows one shape, ``<what>, <where>, <how to fix>``, so the CLI can print it
 as a single line. The exit code travels with the class, so a caller never has to map
-exception types to codes by hand (DESIGN.md exit-code table).
+exception types to codes by hand (the exit-code table in the README).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``loracraft`` command: one entry point, subcommands, one-line errors, DESIGN.md exit codes."""
+"""The ``loracraft`` command: one entry point, subcommands, one-line errors, the exit codes of the README."""
 
 from __future__ import annotations
 
