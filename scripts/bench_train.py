@@ -1,6 +1,7 @@
 """Benchmark loracraft's training step against the floor and the diffusers reference script.
 
     python scripts/bench_train.py [--quick] [--json FILE] [--models sd15-small,tiny] [--threads N] ...
+    python scripts/bench_train.py --device cuda --dtype fp16 --models sd15   (GPU: peak GPU memory too)
 
 Variants: (a) floor (bare UNet fwd+bwd+AdamW on precomputed inputs), (b) loracraft with
 cache, (c) loracraft without cache, (d) the reference script's per-step work, re-implemented,
@@ -14,6 +15,7 @@ import argparse
 import signal
 import sys
 
+import torch
 from bench.train import MODELS, VARIANTS, BenchConfig, format_report, run_benchmark, write_json
 
 
@@ -30,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         help="smoke run: tiny model only (unless --models), 8 images, 1 + 2x2 steps",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--models", type=_csv, help=f"comma-separated, from {','.join(MODELS)} (default: all)")
+    p.add_argument(
+        "--models",
+        type=_csv,
+        help=f"comma-separated, from {','.join(MODELS)} (default: sd15-small,tiny; sd15 is GPU-sized)",
+    )
     p.add_argument("--variants", type=_csv, help=f"comma-separated, from {','.join(VARIANTS)} (default: all)")
     p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
     p.add_argument("--rank", type=int, help=f"LoRA rank (default {defaults.rank})")
@@ -39,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, help=f"steps per timed window (default {defaults.window})")
     p.add_argument("--rounds", type=int, help=f"timed windows per variant (default {defaults.rounds})")
     p.add_argument("--threads", type=int, help=f"torch threads in every variant (default {defaults.threads})")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the steps run (default cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        help="training precision of (a), (b), (c), (d), (f): train.mixed_precision (fp16 needs CUDA; default fp32)",
+    )
     p.add_argument(
         "--num-workers", type=int, help="DataLoader workers of the reference (d) (default 0, as it)"
     )
@@ -69,11 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         "window": a.window,
         "rounds": a.rounds,
         "threads": a.threads,
+        "device": a.device,
         "num_workers": a.num_workers,
         "work_dir": a.work_dir,
     }
     kw = {k: v for k, v in given.items() if v is not None}
-    kw.update(overrides=a.override, isolate=not a.in_process)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible to PyTorch; run on a GPU machine or drop --device")
+    precision = [] if a.dtype in (None, "fp32") else [f"train.mixed_precision={a.dtype}"]
+    kw.update(overrides=precision + a.override, isolate=not a.in_process)
     if a.no_flip:
         kw["random_flip"] = False
     cfg = BenchConfig.quick(**kw) if a.quick else BenchConfig(**kw)

@@ -1,6 +1,6 @@
 """Training-speed benchmark: loracraft's step against the floor and the diffusers reference.
 
-What is measured (issue 6, item 4), in one run and on the same data, for each model:
+What is measured, in one run and on the same data, for each model:
 
 ====  ======================================================================================
 (a)   the *floor*: bare UNet forward + backward + AdamW with the same peft LoRA, on latents
@@ -30,7 +30,7 @@ How:
 - the one-time caching cost is the trainer's own timing of its cache fill (``LoraTrainer.timings``),
   otherwise setup time of (b) minus setup time of (c).
 
-Adding a measurement line (e.g. issue 7's 1-vs-2-process throughput): a variant is an entry
+Adding a measurement line (e.g. the 1-vs-2-process throughput): a variant is an entry
 of ``VARIANTS`` (how to build its runner, and ``processes`` - samples/s is computed from
 ``batch_size * processes``), and ``ratios()`` is the one place that turns the per-variant
 figures into the printed/JSON ratios; a multi-process variant needs its own ``Worker`` kind
@@ -40,6 +40,7 @@ figures into the printed/JSON ratios; a multi-process variant needs its own ``Wo
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import math
@@ -61,7 +62,7 @@ import torch
 
 # ----------------------------------------------------------------------------- models
 #: SD1.5's topology, scaled down: UNet channels (320, 640, 1280, 1280) / 5 -> 34.5 M params (the
-#: size of the model measured-facts.md timed the real reference script on), cross-attention in
+#: size of model the diffusers reference script was timed on), cross-attention in
 #: the first three of 4 down blocks, 2 layers per block; VAE (128, 256, 512, 512) / 4 with 4
 #: blocks (downsample x8: latents at 1/8 of the image side); CLIP text encoder 768 x 12 -> 128 x 4.
 #: At 64 px and batch 4 its VAE encode costs ~40% of a UNet fwd+bwd here, as in those notes.
@@ -79,8 +80,26 @@ SD15_SMALL_SHAPE = dict(
 )
 
 
-def build_sd15_small(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Build a random-initialised, SD1.5-shaped, scaled-down pipeline in diffusers format.
+#: SD1.5 itself (860 M UNet, 123 M text encoder), random-initialised: the GPU benchmark at 512 px.
+SD15_SHAPE = dict(
+    unet_channels=(320, 640, 1280, 1280),
+    unet_layers=2,
+    vae_channels=(128, 256, 512, 512),
+    vae_layers=2,
+    text_hidden=768,
+    text_layers=12,
+    text_heads=12,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    sample_size=512,
+)
+
+
+def build_sd15_small(
+    out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon", shape: dict | None = None
+) -> Path:
+    """Build a random-initialised, SD1.5-shaped, scaled-down pipeline in diffusers format
+    (``shape=SD15_SHAPE``: full size).
 
     Same architecture classes and topology as ``runwayml/stable-diffusion-v1-5`` (4 down
     blocks, cross-attention in 3, VAE factor 8, CLIP text encoder), so the balance between
@@ -98,7 +117,7 @@ def build_sd15_small(out_dir: str | Path, seed: int = 0, prediction_type: str = 
     )
 
     out = Path(out_dir)
-    s = SD15_SMALL_SHAPE
+    s = shape or SD15_SMALL_SHAPE
     torch.manual_seed(seed)
     vae_factor = 2 ** (len(s["vae_channels"]) - 1)
     unet = UNet2DConditionModel(
@@ -141,7 +160,10 @@ class BenchModel:
 MODELS: dict[str, BenchModel] = {
     "sd15-small": BenchModel("sd15-small", build_sd15_small, resolution=64, image_px=128),
     "tiny": BenchModel("tiny", _build_tiny, resolution=32, image_px=64),
+    # GPU only (a CPU step takes minutes): not in the default list.
+    "sd15": BenchModel("sd15", functools.partial(build_sd15_small, shape=SD15_SHAPE), resolution=512, image_px=576),
 }
+DEFAULT_MODELS = ["sd15-small", "tiny"]
 
 
 #: Appended to every other caption of the bench dataset, so that (f) preserves half of each batch.
@@ -171,6 +193,7 @@ class BenchSpec:
     lr: float = 1e-4
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"  # cuda: the floor moves there; loracraft and (d) use accelerate's device
     center_crop: bool = True
     random_flip: bool = True
     max_grad_norm: float = 1.0
@@ -232,10 +255,10 @@ class StepSettings:
     def weight_dtype(self) -> torch.dtype:
         return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.mixed_precision]
 
-    def autocast(self):
+    def autocast(self, device_type: str = "cpu"):
         if self.mixed_precision == "no":
             return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=self.weight_dtype)
+        return torch.autocast(device_type, dtype=self.weight_dtype)
 
 
 def describe_unet(unet: torch.nn.Module) -> dict:
@@ -374,12 +397,14 @@ def prepare_floor_inputs(spec: BenchSpec) -> Path:
         return out
     ds = load_dataset("imagefolder", data_dir=spec.data_dir, split="train")
     tok = CLIPTokenizer.from_pretrained(spec.model_dir, subfolder="tokenizer")
-    vae = AutoencoderKL.from_pretrained(spec.model_dir, subfolder="vae").eval()
-    te = CLIPTextModel.from_pretrained(spec.model_dir, subfolder="text_encoder").eval()
+    device = torch.device(spec.device)
+    vae = AutoencoderKL.from_pretrained(spec.model_dir, subfolder="vae").eval().to(device)
+    te = CLIPTextModel.from_pretrained(spec.model_dir, subfolder="text_encoder").eval().to(device)
     transform = _ReferenceTransform(tok, spec.resolution, True, False, spec.seed)
     with torch.no_grad():
         pixels = torch.stack([transform.image(im) for im in ds["image"]])
-        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        means = [vae.encode(chunk.to(device)).latent_dist.mean.cpu() for chunk in pixels.split(8)]
+        latents = torch.cat(means) * vae.config.scaling_factor
         ids = tok(
             list(ds["text"]),
             max_length=tok.model_max_length,
@@ -387,7 +412,7 @@ def prepare_floor_inputs(spec: BenchSpec) -> Path:
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        text = te(ids)[0]
+        text = te(ids.to(device))[0].cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"latents": latents.contiguous(), "text": text.contiguous()}, str(out))
     return out
@@ -429,8 +454,10 @@ class FloorRunner(Runner):
         self.optimizer = torch.optim.AdamW(params, lr=s.lr)
         self.order: list[int] = []
         self.gen = random.Random(s.seed)
-        self.latents = self.latents.to(self.settings.weight_dtype)
-        self.text = self.text.to(self.settings.weight_dtype)
+        self.device = device = torch.device(s.device)
+        unet.to(device)
+        self.latents = self.latents.to(device, self.settings.weight_dtype)
+        self.text = self.text.to(device, self.settings.weight_dtype)
         return {}
 
     def _indices(self) -> list[int]:
@@ -448,15 +475,15 @@ class FloorRunner(Runner):
             idx = self._indices()
             latents, text = self.latents[idx], self.text[idx]
             noise = torch.randn_like(latents)
-            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(idx),))
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(idx),), device=self.device)
             noisy = self.scheduler.add_noise(latents, noise, t)
-            with self.settings.autocast():
+            with self.settings.autocast(self.device.type):
                 pred = self.unet(noisy, t, text).sample
             loss = F.mse_loss(pred.float(), noise.float())
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss.detach())  # reading the loss waits for the device: the window is complete
 
 
 class LoracraftRunner(Runner):
@@ -710,6 +737,8 @@ class VariantServer:
         try:
             if msg["cmd"] == "setup":
                 start_rss = _maxrss_mb()
+                if self.spec.device == "cpu":  # accelerate would pick a GPU if it saw one
+                    os.environ["CUDA_VISIBLE_DEVICES"] = ""
                 torch.set_num_threads(self.spec.threads)
                 work = Path(self.spec.work_dir) / self.variant
                 if self.fresh:
@@ -720,6 +749,8 @@ class VariantServer:
                 extra = self.runner.setup()
                 setup_s = time.perf_counter() - t0
                 self._cpu_now()
+                if torch.cuda.is_initialized():  # the peak of the steps, not of loading
+                    torch.cuda.reset_peak_memory_stats()
                 return {"setup_s": setup_s, "start_rss_mb": start_rss, **extra, **self.runner.describe()}
             if msg["cmd"] == "run":
                 t0, c0 = time.perf_counter(), self._cpu_now()
@@ -728,7 +759,9 @@ class VariantServer:
                 return {"seconds": seconds, "cpu_seconds": self._cpu_now() - c0, "loss": loss}
             if msg["cmd"] == "quit":
                 own = _maxrss_mb()
+                gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
                 return {
+                    "peak_gpu_mb": gpu,
                     "peak_rss_mb": own + self.children_rss_mb,
                     "own_peak_rss_mb": own,
                     "children_peak_rss_mb": self.children_rss_mb,
@@ -958,7 +991,7 @@ class InlineWorker:
 class BenchConfig:
     """One benchmark run. ``quick()`` is the configuration of ``--quick`` and of the test."""
 
-    models: list[str] = field(default_factory=lambda: list(MODELS))
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     batch_size: int = 4
     rank: int = 4
@@ -967,6 +1000,7 @@ class BenchConfig:
     window: int = 3  # steps per timed window (short: neighbouring windows see the same machine load)
     rounds: int = 10  # timed windows per variant (steps/s = median over them)
     threads: int = field(default_factory=torch.get_num_threads)
+    device: str = "cpu"
     seed: int = 0
     center_crop: bool = True
     random_flip: bool = True
@@ -1003,6 +1037,7 @@ def _summarize(
         "start_rss_mb": setup["start_rss_mb"] if isolated else None,
         "peak_rss_mb": quit_["peak_rss_mb"] if isolated else None,
         "children_peak_rss_mb": quit_["children_peak_rss_mb"] if isolated else None,
+        "peak_gpu_mb": quit_.get("peak_gpu_mb"),  # torch.cuda.max_memory_allocated over the timed steps
         "settings": setup["settings"],
         "deterministic_algorithms": setup.get("deterministic_algorithms", False),
         # The JSON keeps a count and a digest of the ``name:shape`` list (hundreds of entries).
@@ -1018,9 +1053,9 @@ RATIO_PAIRS = [("b", "a"), ("b", "d"), ("c", "a"), ("d", "a"), ("b", "c"), ("f",
 
 
 def ratios(result: dict, spec: BenchSpec) -> dict:
-    """The figures the issue asks for, from one model's per-variant results (None when not measured).
+    """The headline figures, from one model's per-variant results (None when not measured).
 
-    This is the place to add a ratio line (e.g. issue 7's samples/s of 2 processes over 1).
+    This is the place to add a ratio line (e.g. the samples/s of 2 processes over 1).
     """
     v = result["variants"]
     pairs = [(x, y) for x, y in RATIO_PAIRS if x in v and y in v]
@@ -1038,7 +1073,7 @@ def ratios(result: dict, spec: BenchSpec) -> dict:
     for x, y in RATIO_PAIRS:
         out.setdefault(f"{x}/{y}", None)
     out["samples_e/samples_b"] = None
-    if "b" in v and "e" in v:  # issue 7: throughput of 2 processes over 1, the same cores
+    if "b" in v and "e" in v:  # throughput of 2 processes over 1, the same cores
         n = v["e"]["processes"] / v["b"]["processes"]  # samples per step, per process batch alike
         out["samples_e/samples_b"] = v["e"]["samples_per_s"] / v["b"]["samples_per_s"]
         out["paired"]["samples_e/samples_b"] = statistics.median(
@@ -1112,6 +1147,7 @@ def measure_model(
         rank=cfg.rank,
         seed=cfg.seed,
         threads=cfg.threads,
+        device=cfg.device,
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
         num_workers=cfg.num_workers,
@@ -1195,6 +1231,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpu": torch.cuda.get_device_name(0) if cfg.device == "cuda" else None,
             "threads": cfg.threads,
             # OpenMP's wait policy decides how badly a 2-thread step suffers on a shared machine.
             "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))},
@@ -1229,15 +1266,16 @@ def format_report(results: dict) -> str:
             f"(rank {cfg['rank']}), {r['resolution']} px from {r['image_px']} px images, batch {cfg['batch_size']}, "
             f"{r['images']} images, {s['unet_dtype']}, {s['threads']} threads, attention {','.join(s['attention'])}"
         )
+        gpu = any(v.get("peak_gpu_mb") is not None for v in r["variants"].values())
         lines.append(
             f"  {'variant':<52} {'steps/s':>8} {'ms/step':>8} {'CPU ms':>8} {'samples/s':>9} {'setup s':>8} "
-            f"{'peak RSS MB':>11}"
+            f"{'peak RSS MB':>11}" + (f" {'peak GPU MB':>11}" if gpu else "")
         )
         for k, v in r["variants"].items():
             lines.append(
                 f"  ({k}) {v['label']:<48} {v['steps_per_s']:>8.2f} {v['ms_per_step']:>8.1f} "
                 f"{v['cpu_ms_per_step']:>8.1f} {v['samples_per_s']:>9.1f} {v['setup_s']:>8.2f} "
-                f"{_fmt(v['peak_rss_mb'], '.0f'):>11}"
+                f"{_fmt(v['peak_rss_mb'], '.0f'):>11}" + (f" {_fmt(v.get('peak_gpu_mb'), '.0f'):>11}" if gpu else "")
             )
         q = r["ratios"]
 
@@ -1276,7 +1314,9 @@ def format_report(results: dict) -> str:
             )
     m = results["machine"]
     lines.append(
-        f"\nmachine: {m['cpus']} CPUs ({m['cpu_capability']}), torch {m['torch']}, load average "
+        f"\nmachine: {m['cpus']} CPUs ({m['cpu_capability']}), "
+        + (f"GPU {m['gpu']}, " if m.get("gpu") else "")
+        + f"torch {m['torch']}, load average "
         f"{m['loadavg_before'][0]:.1f} -> {m['loadavg_after'][0]:.1f}, {m['wall_s']:.0f} s wall"
     )
     # Load before the run only: the average after it counts the benchmark's own processes.

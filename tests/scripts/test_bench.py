@@ -138,3 +138,71 @@ def test_variant_f_preserves_the_plain_half_of_the_bench_dataset(tmp_path):
     runner = VARIANTS["f"].make(spec, tmp_path / "w" / "f")
     assert runner.spec.loracraft_config(True, str(tmp_path / "o"), runner.extra).preserve.trigger == PRESERVE_TRIGGER
     assert spec.loracraft_config(True, str(tmp_path / "o")).preserve is None  # (b) stays without it
+
+
+def test_report_shows_peak_gpu_memory_only_when_measured(quick_tiny):
+    import copy
+
+    r = copy.deepcopy(quick_tiny)
+    machine = {"cpus": 2, "cpu_capability": "x", "torch": "t", "loadavg_before": [1, 1, 1],
+               "loadavg_after": [1, 1, 1], "wall_s": 1.0}
+    results = {"config": {"rank": 4, "batch_size": 4}, "machine": machine, "models": {"tiny": r}}
+    assert all(v["peak_gpu_mb"] is None for v in r["variants"].values())  # CPU run: not measured
+    assert "peak GPU MB" not in format_report(results)
+    r["variants"]["a"]["peak_gpu_mb"] = 1234.4
+    text = format_report(results | {"machine": machine | {"gpu": "NVIDIA H200"}})
+    assert "peak GPU MB" in text and " 1234" in text and "GPU NVIDIA H200" in text
+
+
+def test_bench_train_refuses_cuda_without_a_gpu(capsys, monkeypatch):
+    import bench_train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench_train.main(["--device", "cuda", "--quick"])
+    assert e.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_cli_bench_runs_the_real_command_and_computes_the_difference(tmp_path, monkeypatch):
+    from bench import cli
+
+    b = cli.quick(threads=1)
+    spec = cli.prepare(b, tmp_path)
+    out = tmp_path / "one"
+    wall, cpu = cli.run_cli(spec, 1, out)  # the real `loracraft train`, report off, shared cache
+    assert wall > 0 and cpu > 0 and (out / "run.json").is_file() and not (out / "report.html").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert any((tmp_path / "tiny" / "work" / "cache").iterdir())
+    # the per-step figure is the wall difference over the step difference, against the floor
+    runs = {b.short: (10.0, 5.0), b.long: (30.0, 9.0)}  # steps -> (wall, CPU) seconds
+    monkeypatch.setattr(cli, "prepare", lambda *_: spec)
+    monkeypatch.setattr(cli, "run_cli", lambda _s, steps, _o: runs.get(steps, (0.0, 0.0)))
+    monkeypatch.setattr(cli, "floor_seconds_per_step", lambda _s, steps: (4.0, 0.5))
+    r = cli.measure(b, tmp_path, log=lambda _m: None)
+    wall, cpu = 20.0 / (b.long - b.short), 4.0 / (b.long - b.short)
+    assert r["rounds"][0]["cli_s_per_step"] == pytest.approx(wall)
+    assert r["ratio_median"] == pytest.approx(4.0 / wall) and r["cpu_ratio_median"] == pytest.approx(0.5 / cpu)
+
+
+def test_busy_cores_end_by_themselves():
+    import time
+
+    from bench.threads import busy_cores
+
+    t0 = time.time()
+    with busy_cores(1, limit_s=1.0) as procs:
+        assert procs[0].wait(timeout=30) == 0  # not killed: ran out its limit
+    assert time.time() - t0 < 30
+
+
+def test_threads_bench_phases(tmp_path):
+    from bench import threads
+
+    # 1 thread: the mechanics only (a 2-thread step beside a busy loop can take seconds on a shared machine)
+    r = threads.measure(threads.quick(steps=2, threads=1, load_limit_s=60.0), tmp_path, log=lambda _m: None)
+    assert list(r["phases"]) == ["fixed_idle", "auto_idle", "fixed_loaded", "auto_loaded"]
+    s = {k: v["s_per_step"] for k, v in r["phases"].items()}
+    assert all(v > 0 for v in s.values())
+    assert r["fixed_loaded_over_idle"] == pytest.approx(s["fixed_loaded"] / s["fixed_idle"])
+    assert r["auto_loaded_over_idle"] == pytest.approx(s["auto_loaded"] / s["auto_idle"])
+    assert {v["threads_at_end"] for v in r["phases"].values()} == {1}
