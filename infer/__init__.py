@@ -31,8 +31,8 @@ _EXPORTS = {
     "unfuse": "loracraft.infer.adapters",
     "is_fused": "loracraft.infer.adapters",
     "unload": "loracraft.infer.adapters",
-    "check_fit": "loracraft.infer.adapters",
-    "build_random_lora": "loracraft.infer.adapters",
+    "check_fit": "loracraft.infer.adapter_fit",
+    "build_random_lora": "loracraft.infer.random_lora",
     "LORA_WEIGHT_NAME": "loracraft.infer.formats",
     "LoraAdapter": "loracraft.infer.formats",
     "LoraModule": "loracraft.infer.formats",
@@ -72,10 +72,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
+    from loracraft.infer.adapter_fit import check_fit  # noqa: F401
     from loracraft.infer.adapters import (  # noqa: F401
         LoadedAdapter,
-        build_random_lora,
-        check_fit,
         fuse,
         is_fused,
         load_adapter,
@@ -110,3 +109,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         sweep_scales,
     )
     from loracraft.infer.models import BaseInfo, base_info, load_base, size_multiple  # noqa: F401
+    from loracraft.infer.random_lora import build_random_lora  # noqa: F401

@@ -6,9 +6,10 @@ pipeline's ``*LoraLoaderMixin``, i.e. what ``load_lora_weights`` runs) and the s
 
 * every file is read by :func:`loracraft.infer.formats.read_lora` first, so kohya and diffusers
   files go through one path, pickles are refused, and a damaged header is a one-line error;
-* the adapter is checked against the base *before* injection: a module the base lacks or a
-  shape that does not fit raises :class:`AdapterError` naming the module and both shapes -
-  diffusers would warn about unmatched keys and load nothing (a silent no-op);
+* the adapter is checked against the base *before* injection
+  (:func:`loracraft.infer.adapter_fit.check_fit`): a module the base lacks or a shape that does
+  not fit raises :class:`AdapterError` naming the module and both shapes - diffusers would
+  warn about unmatched keys and load nothing (a silent no-op);
 * the ``LoraConfig`` handed to diffusers is built from the per-module (rank, alpha) we read,
   so alpha survives whatever layout the file used;
 * ``unfuse`` restores the base weights bit for bit (PEFT's unmerge subtracts the delta back,
@@ -30,11 +31,11 @@ from pathlib import Path
 
 import torch
 
+from loracraft.infer.adapter_fit import check_fit  # re-exported
 from loracraft.infer.errors import AdapterError, UsageError
 from loracraft.infer.formats import (
     LoraAdapter,
     build_lora_config,
-    family_evidence,
     file_sha256,
     model_module_table,
     read_lora,
@@ -42,6 +43,7 @@ from loracraft.infer.formats import (
 )
 from loracraft.infer.formats.lycoris import is_lycoris_file
 from loracraft.infer.prompts import parse_block_weights, parse_lora_spec  # re-exported: CLI spellings
+from loracraft.infer.random_lora import build_random_lora  # re-exported
 
 __all__ = [
     "LoadedAdapter",
@@ -143,122 +145,6 @@ def _registry(pipe) -> dict[str, LoadedAdapter]:
 def loaded_adapters(pipe) -> list[LoadedAdapter]:
     """Adapters loaded through loracraft, in load order, with their current scales."""
     return list(_registry(pipe).values())
-
-
-# --------------------------------------------------------------------------------------------
-# Fit check
-# --------------------------------------------------------------------------------------------
-def _model_path(model: torch.nn.Module, component: str, path: str) -> str:
-    """The module path inside ``model`` for an adapter path (CLIP naming differs by version)."""
-    if component.startswith("text_encoder") and not hasattr(model, "text_model"):
-        return path.removeprefix("text_model.")
-    return path
-
-
-def _expected_shapes(module: torch.nn.Module, rank: int) -> tuple[tuple, tuple, tuple] | None:
-    """(weight shape, expected down shape, expected up shape) for a LoRA of ``rank`` on ``module``."""
-    if isinstance(module, torch.nn.Linear):
-        return tuple(module.weight.shape), (rank, module.in_features), (module.out_features, rank)
-    if isinstance(module, torch.nn.Conv2d):
-        kh, kw = module.kernel_size
-        down = (rank, module.in_channels // module.groups, kh, kw)
-        return tuple(module.weight.shape), down, (module.out_channels, rank, 1, 1)
-    return None
-
-
-def _fmt(shape) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
-
-
-_FAMILY_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL"}
-
-
-def _check_family(pipe, adapter: LoraAdapter, where: str) -> None:
-    """An SDXL adapter on an SD1 base (or the reverse) gets one clear line before any shape talk."""
-    from loracraft.infer.models import model_family
-
-    made_for, why = family_evidence(adapter)
-    base = model_family(pipe)
-    if made_for is not None and made_for != base:
-        example = (
-            "stabilityai/stable-diffusion-xl-base-1.0"
-            if made_for == "sdxl"
-            else "runwayml/stable-diffusion-v1-5"
-        )
-        raise AdapterError(
-            f"{_FAMILY_NAMES[made_for]} adapter ({why}) on an {_FAMILY_NAMES[base]} base, {where}, "
-            f"load it on an {_FAMILY_NAMES[made_for]} base (e.g. {example}) or use an adapter trained for this base"
-        )
-
-
-def check_fit(pipe, adapter: LoraAdapter, where: str = "adapter") -> dict[str, dict[str, str]]:
-    """Check every module of ``adapter`` exists in ``pipe`` with matching shapes.
-
-    Returns:
-        ``{component: {adapter module path: model module path}}``.
-
-    Raises:
-        AdapterError: naming the first missing module, or the first module whose shapes do not
-            fit (with the base weight shape and the adapter's implied shape).
-    """
-    _check_family(pipe, adapter, where)
-    mapping: dict[str, dict[str, str]] = {}
-    missing: list[str] = []
-    total = adapter.num_modules
-    for component, mods in adapter.modules.items():
-        model = getattr(pipe, component, None)
-        if not isinstance(model, torch.nn.Module):
-            raise AdapterError(
-                f"adapter has {component} weights but the base has no {component} "
-                f"(made for another model family, e.g. SDXL), {where}, use the base it was trained on"
-            )
-        names = dict(model.named_modules())
-        mapping[component] = {}
-        for path, mod in mods.items():
-            mpath = _model_path(model, component, path)
-            module = names.get(mpath)
-            if module is None:
-                missing.append(f"{component}.{path}")
-                continue
-            module = getattr(module, "base_layer", module)
-            shapes = _expected_shapes(module, mod.rank)
-            if shapes is None:
-                raise AdapterError(
-                    f"adapter targets {component}.{mpath}, a {type(module).__name__} (only Linear and Conv2d "
-                    f"take LoRA here), {where}, use an adapter trained on attention/projection layers"
-                )
-            weight, want_down, want_up = shapes
-            # (out,) for Linear, (1, out, 1, 1) for Conv2d in PEFT
-            if mod.magnitude is not None and mod.magnitude.numel() != want_up[0]:
-                raise AdapterError(
-                    f"adapter does not fit the base: module {component}.{mpath} has {want_up[0]} output channels "
-                    f"but the adapter's DoRA magnitude is {_fmt(mod.magnitude.shape)}, {where}, it was made for a "
-                    "different base architecture; use the base it was trained on"
-                )
-            got_down, got_up = tuple(mod.down.shape), tuple(mod.up.shape)
-            if got_down != want_down or got_up != want_up:
-                implied = (
-                    (got_up[0], got_down[1], *got_down[2:])
-                    if len(got_down) == 4
-                    else (got_up[0], got_down[1])
-                )
-                raise AdapterError(
-                    f"adapter does not fit the base: module {component}.{mpath} has weight {_fmt(weight)} "
-                    f"but the adapter's LoRA is {_fmt(implied)} (down {_fmt(got_down)}, up {_fmt(got_up)}), "
-                    f"{where}, it was made for a different base architecture; use the base it was trained on"
-                )
-            mapping[component][path] = mpath
-    if missing:
-        if len(missing) == total:
-            raise AdapterError(
-                f"none of the adapter's {total} modules exist in the base (first: {missing[0]}), {where}, "
-                "it was made for a different base model; use the base it was trained on"
-            )
-        raise AdapterError(
-            f"{len(missing)} of the adapter's {total} modules do not exist in the base (first: {missing[0]}), "
-            f"{where}, it was made for a different base model; use the base it was trained on"
-        )
-    return mapping
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,65 +508,3 @@ def unload(pipe) -> None:
     unfuse(pipe)
     pipe.unload_lora_weights()
     _registry(pipe).clear()
-
-
-# --------------------------------------------------------------------------------------------
-# A random adapter (tests, benchmarks, demos)
-# --------------------------------------------------------------------------------------------
-def build_random_lora(
-    base: str | Path,
-    out_path: str | Path,
-    *,
-    rank: int = 8,
-    alpha: float = 4,
-    seed: int = 0,
-    targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
-    std: float = 0.5,
-    text_encoder: bool = False,
-) -> Path:
-    """Write a diffusers-format adapter with random non-zero ``lora_B`` for the model at ``base``.
-
-    Built exactly as the trainer saves: PEFT ``LoraConfig`` -> ``add_adapter`` ->
-    ``convert_state_dict_to_diffusers(get_peft_model_state_dict(...))`` -> ``save_diffusers_lora``.
-    """
-    from diffusers import UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from loracraft.infer.formats import save_diffusers_lora
-
-    gen = torch.Generator().manual_seed(seed)
-
-    def randomise(model):
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.data = torch.randn(p.shape, generator=gen) * std
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian")
-    unet.add_adapter(config)
-    randomise(unet)
-    unet_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    te_state = te_config = None
-    if text_encoder:
-        from peft import inject_adapter_in_model
-        from transformers import CLIPTextModel
-
-        te = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder")
-        te_lora = LoraConfig(
-            r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
-        )
-        inject_adapter_in_model(te_lora, te)
-        randomise(te)
-        te_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
-        te_config = te_lora.to_dict()
-    return save_diffusers_lora(
-        out_path,
-        unet_state,
-        config.to_dict(),
-        extra_metadata={"loracraft.base_model": str(base)},
-        text_encoder_state=te_state,
-        text_encoder_lora_config=te_config,
-    )
