@@ -74,6 +74,20 @@ def parse_prompt_line(line: str, where: str = "validation.prompt_file") -> Sampl
     return _sample_prompt(fields, where)
 
 
+def prompt_line(entry: str | dict | SamplePromptCfg) -> str:
+    """A sample prompt written back as one kohya line (:func:`parse_prompt_line` reads it again):
+    how the web UI shows prompts with their own settings in a one-line-per-prompt text box."""
+    fields = _from_entry(entry, "validation.prompts").model_dump(exclude_none=True)
+    options = [f"--{letter} {fields[key]}" for letter, (key, _) in KOHYA_OPTIONS.items() if key in fields]
+    return " ".join([fields["prompt"], *options])
+
+
+def prompt_entry(line: str, where: str) -> str | dict:
+    """One kohya line as a ``validation.prompts`` entry: the plain string when it has no options."""
+    fields = parse_prompt_line(line, where).model_dump(exclude_none=True)
+    return fields["prompt"] if len(fields) == 1 else fields
+
+
 def read_prompt_file(path: str | Path) -> list[SamplePromptCfg]:
     """``.txt``: one kohya line per prompt; ``.yaml``/``.yml``: a list of strings or mappings."""
     path = Path(path)

@@ -82,3 +82,18 @@ def test_at_start_writes_step_0_with_each_prompts_seed_and_size(tiny_sd, tiny_da
     ref = pipe("a red square", negative_prompt="blue", width=48, height=32, num_inference_steps=3, guidance_scale=4,
                generator=torch.Generator("cpu").manual_seed(5)).images[0]
     assert np.abs(cell - np.asarray(ref, dtype=np.float64)).mean() < 1.0
+
+
+def test_prompts_with_settings_round_trip_through_one_kohya_line_each():
+    """The web UI's prompt box holds one line per prompt: a mapping prompt must come back whole."""
+    from loracraft.train.samples import prompt_entry, prompt_line
+    from loracraft.train.ui.backend import read_fields, set_fields
+
+    rich = {"prompt": "a cat, in lcstyle style", "negative_prompt": "blurry, dark", "seed": 42,
+            "width": 48, "height": 64, "steps": 7, "guidance": 2.5}
+    line = prompt_line(rich)
+    assert line == "a cat, in lcstyle style --n blurry, dark --w 48 --h 64 --d 42 --l 2.5 --s 7"
+    assert prompt_entry(line, "test") == rich
+    assert prompt_line("a plain prompt") == "a plain prompt" and prompt_entry("a plain prompt", "t") == "a plain prompt"
+    text = set_fields("validation:\n  every: 5\n", {"validation.prompts": f"{line}\n\na plain prompt\n"})
+    assert read_fields(text)["validation.prompts"] == [rich, "a plain prompt"]

@@ -124,7 +124,10 @@ def set_fields(text: str, values: dict[str, Any]) -> str:
     data = parse_yaml(text)
     for key, value in values.items():
         if key == "validation.prompts" and isinstance(value, str):
-            value = [line.strip() for line in value.splitlines() if line.strip()]
+            from loracraft.train.samples import prompt_entry
+
+            value = [prompt_entry(line, f"validation.prompts line {n}")
+                     for n, line in enumerate(value.splitlines(), start=1) if line.strip()]
         if value == "" and key in ("model.base", "data.path"):
             value = None
         set_dotted(data, key, value)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from loracraft.infer.errors import LoracraftError, UsageError
+from loracraft.train.samples import prompt_line
 from loracraft.train.ui import backend as B
 from loracraft.train.ui.common import INTERNAL, UIContext, message, user_errors
 
@@ -45,7 +46,8 @@ def knob_values(fields: dict) -> list:
     out = []
     for key in KNOB_KEYS:
         value = fields[key]
-        out.append("\n".join(value) if key == "validation.prompts" else value)
+        # prompts with their own settings are shown in kohya's line syntax, which set_fields reads back
+        out.append("\n".join(prompt_line(p) for p in value) if key == "validation.prompts" else value)
     return out
 
 
