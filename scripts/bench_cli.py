@@ -9,46 +9,28 @@ the command line's s/step; 1.0 = the command line adds nothing to the bare step)
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import sys
-import tempfile
-from dataclasses import fields
 from pathlib import Path
 
 import torch
+from bench.args import dataclass_parser, from_args, work_root
 from bench.cli import CliBench, measure
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = CliBench()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(CliBench):
-        if f.name != "overrides":
-            p.add_argument(
-                f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)), default=getattr(d, f.name)
-            )
+    p = dataclass_parser(CliBench, __doc__, skip=("overrides",))
     p.add_argument(
         "--override", action="append", default=[], metavar="KEY=VALUE", help="extra loracraft override"
     )
-    p.add_argument("--work-dir", help="keep models, data, cache and logs here (default: a temporary folder)")
-    p.add_argument("--json", metavar="FILE")
     a = p.parse_args(argv)
     if a.dtype not in ("fp32", "fp16", "bf16"):
         p.error(f"--dtype {a.dtype}: use fp32, fp16 or bf16")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible to PyTorch; run on a GPU machine or drop --device")
-    b = CliBench(
-        **{f.name: getattr(a, f.name) for f in fields(CliBench) if f.name != "overrides"},
-        overrides=tuple(a.override),
-    )
-    root = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="loracraft-bench-cli-"))
-    try:
+    b = from_args(CliBench, a, overrides=tuple(a.override))
+    with work_root(a.work_dir, "loracraft-bench-cli-") as root:
         result = measure(b, root, log=lambda m: print(m, file=sys.stderr, flush=True))
-    finally:
-        if not a.work_dir:
-            shutil.rmtree(root, ignore_errors=True)
     print(
         f"{b.model}: loracraft train runs at {result['ratio_median']:.2f}x the bare floor's speed "
         f"(median of {b.rounds} round(s), {b.long} vs {b.short} steps); in CPU time {result['cpu_ratio_median']:.2f}x "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.train import MODELS, BenchSpec, FloorRunner, prepare_floor_inputs
+from bench.train import MODELS, BenchConfig, BenchSpec, FloorRunner, prepare_floor_inputs, prepare_model
 
 
 @dataclass
@@ -49,27 +49,16 @@ class CliBench:
 
 def prepare(b: CliBench, root: Path) -> BenchSpec:
     """The model, its dataset and the floor's precomputed inputs under ``root`` (reused if there)."""
-    from loracraft.infer.testing import write_captioned_dataset
-
-    m = MODELS[b.model]
-    mroot = root / m.name
-    model_dir = mroot / "model"
-    if not (model_dir / "model_index.json").is_file():
-        m.builder(model_dir, seed=b.seed)
-    data_dir = write_captioned_dataset(mroot / "data", n=b.images, px=m.image_px, seed=b.seed)
-    spec = BenchSpec(
-        model=m.name,
-        model_dir=str(model_dir),
-        data_dir=str(data_dir),
-        work_dir=str(mroot / "work"),
-        resolution=m.resolution,
+    cfg = BenchConfig(
         batch_size=b.batch_size,
         rank=b.rank,
-        seed=b.seed,
+        images=b.images,
         threads=b.threads,
         device=b.device,
+        seed=b.seed,
         overrides=[*precision_overrides(b.dtype), *b.overrides],
     )
+    spec = prepare_model(MODELS[b.model], cfg, root)
     prepare_floor_inputs(spec)
     return spec
 

@@ -1115,20 +1115,10 @@ def _ask_all(workers: dict, msg: dict) -> dict:
     return {k: w.ask(msg) for k, w in workers.items()}
 
 
-def measure_model(
-    model: BenchModel,
-    cfg: BenchConfig,
-    root: Path,
-    log: Callable[[str], None] = print,
-    model_dir: str | Path | None = None,
-) -> dict:
-    """Build ``model`` (unless ``model_dir`` holds it already) and its dataset under ``root``,
-    and measure every variant of ``cfg`` on them.
-
-    Variants run in processes started by multiprocessing's forkserver, which imports the
-    caller's ``__main__`` module in each: scripts calling this need the usual
-    ``if __name__ == "__main__":`` guard.
-    """
+def prepare_model(
+    model: BenchModel, cfg: BenchConfig, root: Path, model_dir: str | Path | None = None
+) -> BenchSpec:
+    """Build ``model`` (unless ``model_dir`` holds it already) and its dataset under ``root``."""
     from loracraft.infer.testing import write_captioned_dataset
 
     mroot = root / model.name
@@ -1153,6 +1143,24 @@ def measure_model(
         num_workers=cfg.num_workers,
         overrides=list(cfg.overrides),
     )
+    return spec
+
+
+def measure_model(
+    model: BenchModel,
+    cfg: BenchConfig,
+    root: Path,
+    log: Callable[[str], None] = print,
+    model_dir: str | Path | None = None,
+) -> dict:
+    """Build ``model`` and its dataset under ``root`` (``prepare_model``), and measure every
+    variant of ``cfg`` on them.
+
+    Variants run in processes started by multiprocessing's forkserver, which imports the
+    caller's ``__main__`` module in each: scripts calling this need the usual
+    ``if __name__ == "__main__":`` guard.
+    """
+    spec = prepare_model(model, cfg, root, model_dir)
     if "a" in cfg.variants:
         prepare_floor_inputs(spec)
     worker_cls = ForkWorker if cfg.isolate else InlineWorker
