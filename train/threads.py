@@ -52,7 +52,10 @@ class AdaptiveThreads:
     ``probe`` steps run at each count (the first step after a switch is not timed: it pays
     for waking the pool); the faster median wins. While running, the median of the last
     ``probe`` steps is compared with the winner's probe median; a change by more than
-    ``factor`` either way, or ``every`` steps since the last probe, starts a new probe.
+    ``factor`` either way, or ``every`` steps since the last probe, starts a new probe. A new
+    probe reuses those last steps for the count in use and tries only the other one, and gives
+    the other up after one step that is already ``factor`` times slower (on a loaded machine a
+    spinning multi-thread step can take many times longer: probing it costs little this way).
     """
 
     def __init__(
@@ -69,15 +72,15 @@ class AdaptiveThreads:
         self.counts = [n, 1]
         self.threads = n
         self.chosen: int | None = None  # the count the last probe settled on
+        self._skip = True
         self._start_probe()
 
-    def _start_probe(self) -> None:
-        self.probing: int | None = 0  # index into self.counts while probing, else None
-        self.times: dict[int, list[float]] = {c: [] for c in self.counts}
+    def _start_probe(self, known: dict[int, list[float]] | None = None) -> None:
+        self.times: dict[int, list[float]] = {c: [] for c in self.counts} | (known or {})
+        self.queue = [c for c in self.counts if len(self.times[c]) < self.probe]  # counts still to time
         self.recent: list[float] = []
         self.since = 0
-        self._set(self.counts[0])
-        self._skip = True
+        self._set(self.queue[0])
 
     def _set(self, threads: int) -> None:
         if threads != torch.get_num_threads():
@@ -96,13 +99,17 @@ class AdaptiveThreads:
         if self._skip:
             self._skip = False
             return
-        if self.probing is not None:
-            count = self.counts[self.probing]
+        if self.queue:
+            count = self.queue[0]
             self.times[count].append(seconds)
-            if len(self.times[count]) >= self.probe:
-                self.probing += 1
-                if self.probing < len(self.counts):
-                    self._set(self.counts[self.probing])
+            timed = [
+                statistics.median(t) for c, t in self.times.items() if c != count and len(t) >= self.probe
+            ]
+            hopeless = bool(timed) and seconds > self.factor * min(timed)
+            if len(self.times[count]) >= self.probe or hopeless:
+                self.queue.pop(0)
+                if self.queue:
+                    self._set(self.queue[0])
                 else:
                     self._decide()
             return
@@ -111,12 +118,12 @@ class AdaptiveThreads:
         if len(self.recent) == self.probe:
             ratio = statistics.median(self.recent) / self.baseline
             if ratio > self.factor or ratio < 1 / self.factor or self.since >= self.every:
-                self._start_probe()
+                self._start_probe(known={self.threads: list(self.recent)})
 
     def _decide(self) -> None:
-        medians = {c: statistics.median(t) for c, t in self.times.items()}
+        medians = {c: statistics.median(t) for c, t in self.times.items() if t}
         best = min(medians, key=medians.get)
-        self.probing, self.baseline = None, medians[best]
+        self.baseline = medians[best]
         if self.log is not None and best != self.chosen:
             detail = ", ".join(f"{c} threads {m:.3f}" for c, m in medians.items())
             self.log(f"threads: using {best} (s/step: {detail})")

@@ -83,3 +83,16 @@ def test_explicit_settings_are_respected(monkeypatch):
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     assert isinstance(thread_policy("auto", torch.device("cpu")), AdaptiveThreads)
     assert isinstance(thread_policy("auto", torch.device("cuda")), FixedThreads)
+
+
+def test_a_reprobe_reuses_the_recent_steps_and_gives_up_a_hopeless_count_after_one_step():
+    m = FakeMachine()
+    torch.set_num_threads(2)
+    m.loaded = True
+    pace = AdaptiveThreads(2, probe=3, factor=1.5, every=10, clock=m.clock)
+    first = [pace.timed(m.step) for _ in range(9)]  # 2 threads: skip + 3; 1 thread: skip + 3; decided
+    assert first[-1] == 1 and first.count(2) == 4
+    later = [pace.timed(m.step) for _ in range(30)]
+    # every 10 steps a probe of 2 threads: one untimed step, one timed at 10 s (> 1.5 x 2.5 s): given up
+    runs_at_2 = "".join(str(n) for n in later).split("1")
+    assert [len(r) for r in runs_at_2 if r] == [2, 2]
