@@ -271,3 +271,17 @@ def load_checkpoint(
     except (OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint is incomplete or corrupt, {ckpt}, resume from an older one ({e})") from e
     return state
+
+
+def on_every_rank(write: Callable[[], object]) -> None:
+    """Run a checkpoint write; if it failed on any rank, every rank raises that rank's error."""
+    from accelerate.utils import gather_object
+
+    try:
+        write()
+        message = None
+    except CheckpointError as e:
+        message = str(e)
+    failed = [m for m in gather_object([message]) if m]
+    if failed:
+        raise CheckpointError(failed[0])

@@ -7,8 +7,6 @@ calls, ``train()`` reads top to bottom, and nothing in it knows a file format.
 from __future__ import annotations
 
 import contextlib
-import gc
-import json
 import signal
 import sys
 import time
@@ -17,35 +15,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from loracraft.infer.errors import ConfigError, LoracraftError, UsageError
+from loracraft.infer.errors import ConfigError, LoracraftError
 from loracraft.infer.formats import tensors_sha256
-from loracraft.infer.io import write_text_atomic
 from loracraft.train import checkpoint as ckpt
-from loracraft.train import export, run_dir
-from loracraft.train.cache import CachePlan, build_caches, cache_plan, default_cache_dir
+from loracraft.train import export, metrics, pipeline, resume, run_dir
+from loracraft.train.cache import default_cache_dir
 from loracraft.train.components import (
     Components,
     check_base,
     check_rank,
     fingerprint_base,
-    freeze_and_cast,
     inference_pipeline,
-    load_components,
+    load_for_training,
 )
 from loracraft.train.conditioning import conditioning_for
-from loracraft.train.config import Config, config_diff, normalize_training
-from loracraft.train.data import (
-    BucketedStream,
-    Planner,
-    SampleStream,
-    TrainingExamples,
-    assign_bucket,
-    collate,
-    loader_workers,
-    make_batches,
-    make_buckets,
-)
-from loracraft.train.dreambooth import DreamBooth, PairedExamples, dreambooth_problems, paired_collate
+from loracraft.train.config import Config
+from loracraft.train.data import Planner, TrainingExamples
+from loracraft.train.dreambooth import DreamBooth, dreambooth_problems
 from loracraft.train.ema import AdapterEMA
 from loracraft.train.lora import init_from, inject_lora, inject_text_encoder_lora, unet_lora_state_dict
 from loracraft.train.loss import (
@@ -55,32 +41,14 @@ from loracraft.train.loss import (
     noise_latents,
     sample_latents,
     training_target,
-    with_zero_terminal_snr,
 )
 from loracraft.train.manifest import scrub
 from loracraft.train.optim import build_optimizer, optimizer_problems, param_groups
-from loracraft.train.preserve import (
-    adapters_disabled,
-    check_trigger,
-    preservation_weights,
-    preserved_rows,
-    select_rows,
-)
+from loracraft.train.preserve import adapters_disabled, preservation_weights, preserved_rows, select_rows
+from loracraft.train.resume import RunAlreadyComplete
 from loracraft.train.samples import generate_samples, sample_grid, sample_prompts
 from loracraft.train.threads import thread_policy
-from loracraft.train.validation import (
-    encode_heldout,
-    eval_mode,
-    heldout_images,
-    heldout_loss_of,
-    write_heldout,
-)
-
-LOG_EVERY = 10  # host syncs for logging happen only this often
-
-
-class RunAlreadyComplete(LoracraftError):
-    exit_code = 0
+from loracraft.train.validation import encode_heldout, eval_mode, heldout_loss_of, write_heldout
 
 
 class Interrupted(LoracraftError):
@@ -155,15 +123,23 @@ class LoraTrainer:
         run_dir.preflight(self.cfg.output.dir, run_dir.guarded_paths(self.cfg, default_cache_dir()))
         self.accelerator = self._setup_accelerator()
         self.images = self._setup_data()
-        self.resume_from = self._setup_run_dir()
+        self.resume_from = resume.start_point(
+            self.cfg, self.run_dir, self.accelerator, self.dataset_fingerprint, self._adapter_file(), self._print
+        )
         self.c = self._setup_models()
         check_rank(self.c, self.cfg.lora, self.cfg.model.base)  # before the adapter allocates
-        self.planner = self._setup_planner()
-        self.sources, plan = self._setup_cache(self.planner, self.sizes)
-        self.class_examples, class_plan = self._setup_class_examples()  # DreamBooth prior preservation
+        self.planner, self.sizes = pipeline.make_planner(self.images, self.cfg, self.accelerator.num_processes, self._print)
+        self.sources, plan = pipeline.build_sources(
+            self.cfg, self.planner, self.sizes, self.c, self._encode_text, self.accelerator, self.timings, self._print
+        )
+        self.class_examples, class_plan = pipeline.class_examples(  # DreamBooth prior preservation
+            self.cfg, self.dreambooth, self.c, self.weight_dtype, self._fingerprint_base, self._encode_text,
+            self.accelerator, self.timings, self._print,
+        )
         self.loss_fn = self.dreambooth.loss if self.class_examples is not None else diffusion_loss
         self.heldout = self._setup_heldout()  # while the VAE encoder and text encoders are still loaded
-        self._release_cached_encoders([plan] if class_plan is None else [plan, class_plan])
+        pipeline.release_cached_encoders(self.c, [plan] if class_plan is None else [plan, class_plan],
+                                         validating=bool(self.sample_prompts))
         self.lora_config = inject_lora(self.c.unet, self.cfg.lora)
         self.te_lora_config = inject_text_encoder_lora(self.c.text_encoder, self.cfg.lora)
         self.te2_lora_config = inject_text_encoder_lora(self.c.text_encoder_2, self.cfg.lora)  # SDXL only
@@ -173,8 +149,11 @@ class LoraTrainer:
         self.lr_scheduler = self._setup_lr_scheduler()
         self.ema = self._setup_ema()
         self.unet, self.text_encoder, self.text_encoder_2, self.optimizer = self._prepare()
-        self.step = self._setup_resume()
-        self.batches = self._setup_batches()
+        self.step = resume.resume(self.cfg, self.resume_from, self.trainables, self.optimizer, self.lr_scheduler,
+                                  self.accelerator, self.ema, self._print)
+        self.batches = pipeline.batch_iterator(
+            self.cfg, self.planner, self.sources, self.class_examples, self.step, self.accelerator, self._print
+        )
         self._setup_logging()
         self._validate_at_start()
         self._install_signal_handlers()
@@ -201,115 +180,15 @@ class LoraTrainer:
 
     def _setup_data(self):
         """The dataset, checked like `loracraft check-data` before any weights load (data.on_error)."""
-        from loracraft.train.data.check import check_dataset, checked_images, load_tokenizer, with_captions
-
-        d, t, acc = self.cfg.data, self.cfg.train, self.accelerator
-        try:
-            tokenizer = load_tokenizer(self.cfg.model.base, self.cfg.model.revision)
-        except LoracraftError:
-            tokenizer = None  # the model load reports the base properly; token counts are advisory
-        report = check_dataset(
-            d.path, d.resolution, tokenizer, d.image_column, d.caption_column, progress=acc.is_main_process,
-            allow_outside_links=d.allow_outside_links,
+        images, self.heldout_images, self.dataset_fingerprint = pipeline.check_data(
+            self.cfg, self.accelerator, self.dreambooth, self._print
         )
-        if self.dreambooth:  # captions come from dreambooth.instance_prompt
-            report = with_captions(report, self.dreambooth.caption)
-        images, skipped = checked_images(report, d.on_error)
-        images, self.heldout_images = heldout_images(self.cfg, images)  # held-out items never train
-        if skipped:
-            files = sorted({f.shown_file for f in skipped})
-            self._print(
-                f"warning: skipped {len(files)} of {report.images} images with errors (data.on_error=skip): "
-                + ", ".join(files)
-            )
-        if report.warnings:
-            counts = ", ".join(f"{n} {p}" for p, n in report.counts("warning").items())
-            self._print(f"data check: {len(report.warnings)} warnings ({counts}); details: loracraft check-data {d.path}")
-        samples = sum(images.repeats())
-        if t.batch_size * acc.num_processes > samples:
-            per = f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""
-            raise ConfigError(
-                f"train.batch_size={t.batch_size}{per} is larger than the dataset ({samples} samples per epoch), "
-                f"{d.path}, lower train.batch_size to at most {samples // acc.num_processes or 1} or add images"
-            )
-        if (p := self.cfg.preserve) is not None:
-            plain = check_trigger([images.caption(i) for i in range(len(images))], p.trigger, d.path)
-            self._print(f"preserve: {plain} of {len(images)} images have captions without {p.trigger!r}; they train "
-                        f"toward the base model's own prediction (weight {p.weight:g})")
-        self.dataset_fingerprint = images.fingerprint()
-        if self.dreambooth:  # plus the user's class images
-            self.dataset_fingerprint = self.dreambooth.dataset_fingerprint(self.dataset_fingerprint)
         return images
 
-    def _setup_run_dir(self) -> Path | None:
-        """Decide: fresh start, resume (which checkpoint), already complete, or refuse (run_dir.decide)."""
-        state = run_dir.inspect(self.run_dir)
-        differences = []
-        if state.manifest is not None:
-            old = state.manifest
-            differences = config_diff(normalize_training(old["config_training"]), self.cfg.training_relevant())
-            differences = self._check_process_change(
-                old["config_training"], old.get("num_processes", 1), differences, warn=False
-            )
-            if old.get("dataset_fingerprint") != self.dataset_fingerprint:
-                differences.append("dataset contents changed (fingerprint differs)")
-        decision = run_dir.decide(
-            state, differences, overwrite=self.cfg.output.overwrite,
-            allow_config_change=self.cfg.checkpoint.allow_config_change, resume=self.cfg.checkpoint.resume,
-            checkpoints=self._find_resume_checkpoint(),
-        )
-        # Every rank has looked at the folder before the main process clears or claims it: a rank that
-        # looked later would see a different folder and take another branch (and another collective).
-        self.accelerator.wait_for_everyone()
-        if isinstance(decision, run_dir.Refuse):
-            raise UsageError(decision.reason)
-        if isinstance(decision, run_dir.Complete):
-            raise RunAlreadyComplete(f"run already complete, {self.run_dir}, adapter at {self._adapter_file()}")
-        if isinstance(decision, run_dir.Fresh) and decision.clear:
-            self._clear_run_dir()
-        if self.accelerator.is_main_process:
-            run_dir.claim(self.run_dir)  # the marker goes first: only then is the folder loracraft's
-        self.accelerator.wait_for_everyone()
-        return decision.checkpoint if isinstance(decision, run_dir.Resume) else None
-
-    def _clear_run_dir(self) -> None:
-        """Only the files loracraft wrote go; the folder and anything else in it stay."""
-        if self.accelerator.is_main_process:
-            removed = run_dir.clear(self.run_dir)
-            self._print(f"output.overwrite: removed the previous run's {len(removed)} entries from {self.run_dir}")
-        self.accelerator.wait_for_everyone()
-
-    def _find_resume_checkpoint(self) -> list[Path]:
-        """The run folder's complete checkpoints, oldest first."""
-        return [path for _, path in ckpt.list_checkpoints(self.run_dir / "checkpoints")]
-
     def _setup_models(self) -> Components:
-        m = self.cfg.model
-        c = load_components(m.base, m.revision, m.variant, m.config, m.allow_pickle)
-        if m.prediction_type:
-            c.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
-        if self.cfg.train.zero_terminal_snr:
-            c.noise_scheduler = with_zero_terminal_snr(c.noise_scheduler)
-        multiple = c.size_multiple
-        if self.cfg.data.resolution % multiple:
-            raise ConfigError(
-                f"data.resolution={self.cfg.data.resolution} is not a multiple of {multiple} "
-                f"(VAE factor x UNet downsampling of {m.base}), config, use e.g. "
-                f"{max(multiple, self.cfg.data.resolution // multiple * multiple)}"
-            )
-        weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            self.cfg.train.mixed_precision
-        ]
-        freeze_and_cast(c, weight_dtype)
-        # Stored once: diffusers' `unet.dtype` walks every module (~10 ms per call on SD1.5).
-        self.weight_dtype = weight_dtype
+        c, self.weight_dtype = load_for_training(self.cfg, self.accelerator.device)
         # prompt encoding + UNet inputs (SD1 or SDXL)
-        self.conditioning = conditioning_for(c.family, m.clip_skip, self.cfg.data.max_token_length)
-        device = self.accelerator.device
-        for module in (c.unet, c.vae, *c.text_encoders):
-            module.to(device)
-        if self.cfg.train.gradient_checkpointing:
-            c.unet.enable_gradient_checkpointing()
+        self.conditioning = conditioning_for(c.family, self.cfg.model.clip_skip, self.cfg.data.max_token_length)
         return c
 
     def _init_from(self) -> None:
@@ -362,162 +241,14 @@ class LoraTrainer:
         t = self.cfg.train
         return AdapterEMA(self.trainables, t.ema_decay, t.ema_every) if t.ema_decay is not None else None
 
-    def _setup_resume(self) -> int:
-        if self.resume_from is None:
-            return 0
-        state = ckpt.read_state(self.resume_from)
-        diff = config_diff(normalize_training(state["config_training"]), self.cfg.training_relevant())
-        diff = self._check_process_change(state["config_training"], state.get("num_processes", 1), diff)
-        if diff and not self.cfg.checkpoint.allow_config_change:
-            raise UsageError(
-                f"config differs from the checkpoint's, {self.resume_from}: {'; '.join(diff)}; "
-                "restore those values or set checkpoint.allow_config_change=true"
-            )
-        state = ckpt.load_checkpoint(
-            self.resume_from,
-            self.trainables,
-            self.optimizer.optimizer,
-            self.lr_scheduler,
-            rank=self.accelerator.process_index,
-            scaler=self.accelerator.scaler,
-            ema=self.ema.shadow if self.ema is not None else None,
-        )
-        if self.ema is not None and not state["ema_restored"]:
-            self._print("EMA not in the checkpoint (train.ema_decay was just enabled): starting it at the resumed weights")
-            self.ema.reset(self.trainables)
-        self._print(f"resuming from {self.resume_from} (step {state['step']})")
-        return int(state["step"])
-
-    def _setup_planner(self) -> Planner:
-        """Target size per image (one square, or its aspect-ratio bucket) and the sample order."""
-        d, t, acc = self.cfg.data, self.cfg.train, self.accelerator
-        n = len(self.images)
-        self.sizes = [self.images.size(i) for i in range(n)]
-        if d.buckets:
-            buckets = make_buckets(d.resolution, d.bucket_step)
-            targets = [assign_bucket(s, buckets) for s in self.sizes]
-            stream = BucketedStream(self.images.repeats(), t.seed, targets, t.batch_size * acc.num_processes)
-            self._print(f"{len(set(targets))} aspect-ratio buckets in use: {sorted(set(targets))}")
-        else:
-            targets = [(d.resolution, d.resolution)] * n
-            stream = SampleStream(self.images.repeats(), t.seed)
-        return Planner(self.images, stream, d, t.seed, targets)
-
-    def _setup_cache(self, planner: Planner, sizes: list[tuple[int, int]]) -> tuple[dict, CachePlan]:
-        """Latent / text-embedding lookups from the on-disk cache (main process builds, others wait),
-        and the plan that says what is cached. The training images; DreamBooth's class images too.
-        Time spent adds up in ``timings["cache_s"]`` (wall) and ``timings["cache_cpu_s"]``."""
-        plan = cache_plan(self.cfg, sizes, planner.targets)
-        for note in plan.notes:
-            self._print(note)
-        if not (plan.latents or plan.text):
-            return {}, plan
-        acc = self.accelerator
-        wall, cpu = time.perf_counter(), time.process_time()
-        sources = build_caches(
-            plan, planner, self.c, self._encode_text, acc.device,
-            build=acc.is_main_process, show_progress=acc.is_main_process,
-        )
-        acc.wait_for_everyone()
-        self.timings["cache_s"] = self.timings.get("cache_s", 0.0) + time.perf_counter() - wall
-        self.timings["cache_cpu_s"] = self.timings.get("cache_cpu_s", 0.0) + time.process_time() - cpu
-        return sources, plan
-
-    def _setup_class_examples(self) -> tuple[TrainingExamples | None, CachePlan | None]:
-        """DreamBooth prior preservation: the class images (generated with the base model, so before
-        the LoRA exists; main process first, the others then list the same files) and their samples,
-        cached like the training images; (None, None) otherwise."""
-        if not (self.dreambooth and self.dreambooth.prior):
-            return None, None
-        acc, t = self.accelerator, self.cfg.train
-        root = Path(t.cache_dir) if t.cache_dir else default_cache_dir()
-        with acc.main_process_first():
-            images = self.dreambooth.prepare_class_images(
-                self.c, self.weight_dtype, self._fingerprint_base(), root, build=acc.is_main_process
-            )
-        planner = self.dreambooth.class_planner(t.seed)
-        sources, plan = self._setup_cache(planner, [images.size(i) for i in range(len(images))])
-        return TrainingExamples(planner, **sources), plan
-
-    def _release_cached_encoders(self, plans: list[CachePlan]) -> None:
-        """Free the weights the cache made dead: the VAE encoder once every latent is cached, and
-        the VAE decoder and text encoder too when no validation images need them (kohya moves
-        cached encoders off the GPU for the same reason). Moved to the meta device rather than
-        deleted, so an accidental use fails loudly instead of silently computing garbage.
-        Every image set's plan counts (DreamBooth's class images have their own)."""
-        c, validating = self.c, bool(self.sample_prompts)
-        latents, text = all(p.latents for p in plans), all(p.text for p in plans)
-        dead = []
-        # StableDiffusionXLPipeline moves latents to the VAE's device, which diffusers reads from its
-        # first parameter (the encoder's): while validation decodes images, the SDXL encoder stays.
-        if latents and not (validating and c.family == "sdxl"):
-            dead += [c.vae.encoder, getattr(c.vae, "quant_conv", None)]
-        if latents and not validating:
-            dead += [c.vae.decoder, getattr(c.vae, "post_quant_conv", None)]
-        if text and not validating:
-            dead += c.text_encoders
-        for module in filter(None, dead):
-            module.to("meta")
-        gc.collect()
-
-    def _check_process_change(self, old_training: dict, old_p: int, diff: list[str], warn: bool = True) -> list[str]:
-        """A different process count is fine when the effective batch is unchanged: samples are
-        keyed by global position, so every step sees the same samples with the same noise; only
-        the order of the gradient all-reduce differs (not bit-identical, ~1e-7 relative)."""
-        t, acc = self.cfg.train, self.accelerator
-        old_p = int(old_p)
-        old_t = old_training.get("train", {})
-        old_eff = int(old_t.get("batch_size", t.batch_size)) * old_p * int(old_t.get("grad_accum", t.grad_accum))
-        new_eff = t.batch_size * acc.num_processes * t.grad_accum
-        if old_p == acc.num_processes:
-            return diff
-        if old_eff == new_eff:
-            if warn:
-                self._print(
-                    f"warning: resuming a {old_p}-process run on {acc.num_processes} processes; same samples "
-                    "and noise per step, but gradients are summed in a different order, so the result is "
-                    "close to, not bit-identical with, an uninterrupted run"
-                )
-            return [d for d in diff if not d.startswith("train.batch_size:")]
-        return diff + [
-            f"effective batch: {old_eff} ({old_p} processes) -> {new_eff} ({acc.num_processes} processes); "
-            f"keep batch_size x processes x grad_accum = {old_eff}"
-        ]
-
-    def _setup_batches(self):
-        examples, collate_fn = TrainingExamples(self.planner, **self.sources), collate
-        if self.class_examples is not None:  # each instance sample with its class sample
-            examples, collate_fn = PairedExamples(examples, self.class_examples), paired_collate
-        acc = self.accelerator
-        return iter(
-            make_batches(
-                examples,
-                start_micro_step=self.step * self.cfg.train.grad_accum,
-                batch_size=self.cfg.train.batch_size,
-                num_processes=acc.num_processes,
-                rank=acc.process_index,
-                num_workers=loader_workers(self.cfg.data.num_workers, examples, self._print),
-                collate_fn=collate_fn,
-            )
-        )
-
     def _setup_logging(self) -> None:
         acc = self.accelerator
         self._start_time = time.time()
         if acc.is_main_process:
-            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(self.run_dir / "logs" / "metrics.jsonl", after_step=self.step)
+            metrics.prepare_logs(self.run_dir, self.step)
             self._write_manifest(status="running")
-        flat = _flatten(scrub(self.cfg.dump()))
-        init_kwargs = {"wandb": {"dir": str(self.run_dir / "logs"), "name": self.run_dir.name}}
-        acc.init_trackers("loracraft", config=flat, init_kwargs=init_kwargs)
-        t = self.cfg.train
-        self._print(
-            f"training {len(self.trainables)} LoRA tensors "
-            f"({sum(p.numel() for p in self.trainables.values()):,} params) on {len(self.images)} images; "
-            f"effective batch {t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation "
-            f"= {t.batch_size * acc.num_processes * t.grad_accum}"
-        )
+        metrics.init_trackers(acc, self.cfg, self.run_dir)
+        self._print(metrics.run_summary(self.trainables, len(self.images), self.cfg, acc.num_processes))
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
@@ -608,7 +339,9 @@ class LoraTrainer:
             while self.step < t.max_steps:
                 loss = pace.timed(self.optimizer_step)  # train.threads=auto times each step
                 bar.update(1)
-                self._record(loss, bar)
+                self._pending.append((self.step, loss, self.lr_scheduler.get_last_lr()[0]))
+                if self.step % metrics.LOG_EVERY == 0:
+                    self._flush_logs(bar)
                 if self.step % self.cfg.checkpoint.every == 0 or self._signal is not None:
                     self._checkpoint()
                 if self.sample_prompts and self.step % self.cfg.validation.every == 0:
@@ -663,23 +396,9 @@ class LoraTrainer:
         )
 
     # ------------------------------------------------------------------ side effects
-    def _record(self, loss: torch.Tensor, bar) -> None:
-        self._pending.append((self.step, loss, self.lr_scheduler.get_last_lr()[0]))
-        if self.step % LOG_EVERY == 0:
-            self._flush_logs(bar)
-
     def _flush_logs(self, bar=None) -> None:
-        if not self._pending:
-            return
-        rows = [{"step": s, "loss": float(loss), "lr": lr} for s, loss, lr in self._pending]
-        self._pending = []
-        for row in rows:
-            self.accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=row["step"])
-        if bar is not None:
-            bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{rows[-1]['lr']:.2e}")
-        if self.accelerator.is_main_process:
-            with open(self.run_dir / "logs" / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in rows)
+        rows, self._pending = self._pending, []
+        metrics.log_rows(rows, self.accelerator, self.run_dir, bar)
 
     def _checkpoint(self) -> None:
         """Every rank writes its RNG into the main process's temp dir; main adds the shared state and
@@ -691,9 +410,9 @@ class LoraTrainer:
         heldout = self._log_heldout()  # main process; None without validation.heldout
         acc.wait_for_everyone()
         tmp = ckpt.temp_dir(root, self.step)
-        self._on_every_rank(lambda: acc.is_main_process and ckpt.begin_checkpoint(root, self.step))
-        self._on_every_rank(lambda: ckpt.save_rank_state(tmp, acc.process_index))
-        self._on_every_rank(lambda: acc.is_main_process and self._commit_checkpoint(tmp, heldout))
+        ckpt.on_every_rank(lambda: acc.is_main_process and ckpt.begin_checkpoint(root, self.step))
+        ckpt.on_every_rank(lambda: ckpt.save_rank_state(tmp, acc.process_index))
+        ckpt.on_every_rank(lambda: acc.is_main_process and self._commit_checkpoint(tmp, heldout))
 
     def _commit_checkpoint(self, tmp: Path, heldout: float | None = None) -> None:
         acc, t = self.accelerator, self.cfg.train
@@ -713,19 +432,6 @@ class LoraTrainer:
             ),
         )
         ckpt.prune_checkpoints(tmp.parent, self.cfg.checkpoint.keep)
-
-    def _on_every_rank(self, write) -> None:
-        """Run a checkpoint write; if it failed on any rank, every rank raises that rank's error."""
-        from accelerate.utils import gather_object
-
-        try:
-            write()
-            message = None
-        except ckpt.CheckpointError as e:
-            message = str(e)
-        failed = [m for m in gather_object([message]) if m]
-        if failed:
-            raise ckpt.CheckpointError(failed[0])
 
     def _stop_on_signal(self) -> None:
         name = signal.Signals(self._signal).name
@@ -768,9 +474,7 @@ class LoraTrainer:
         with self._ema_weights(self.cfg.output.export_ema == "replace"), eval_mode(*c.text_encoders):
             loss = heldout_loss_of(self.accelerator.unwrap_model(self.unet), c.noise_scheduler, self.heldout,
                                    self.conditioning.unet_kwargs, encode_text=encode)
-        self.accelerator.log({"heldout_loss": loss}, step=self.step)
-        with open(self.run_dir / "logs" / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": self.step, "heldout_loss": loss}) + "\n")
+        metrics.log_heldout(self.accelerator, self.run_dir, self.step, loss)
         self._print(f"held-out loss at step {self.step}: {loss:.5f}")
         return loss
 
@@ -881,26 +585,6 @@ class LoraTrainer:
     def _print(self, msg: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(f"loracraft: {msg}", file=sys.stderr)
-
-
-def _truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from: they will be logged again."""
-    if not path.is_file():
-        return
-    rows = [r for r in path.read_text(encoding="utf-8").splitlines() if r.strip()]
-    kept = [r for r in rows if json.loads(r)["step"] <= after_step]
-    if len(kept) != len(rows):
-        write_text_atomic(path, "".join(r + "\n" for r in kept))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return out
 
 
 def run_training(cfg: Config) -> Path:
