@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def _children_cpu() -> float:
 
 def run_cli(spec: BenchSpec, steps: int, out_dir: Path, env: dict | None = None) -> tuple[float, float]:
     """Wall and CPU seconds of one ``loracraft train`` run; its log goes to ``out_dir``.log."""
+    shutil.rmtree(
+        out_dir, ignore_errors=True
+    )  # this benchmark's own run folder, from an earlier round or call
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), **(env or {}))
     if spec.device == "cpu":
