@@ -132,7 +132,7 @@ def test_resume_on_other_process_count_keeps_effective_batch(recipe, two_proc, t
 #: Runs `python -m loracraft.train` with rank 1's loss made NaN at one step (what a diverging batch on
 #: one GPU looks like), and writes each rank's exit code and LR-scheduler step count beside the run.
 NAN_ON_RANK_1 = """
-import json, os, sys
+import contextlib, io, json, os, sys
 from pathlib import Path
 
 from loracraft.train import trainer as T
@@ -155,7 +155,12 @@ def cleanup(self):
 
 
 T.LoraTrainer.compute_loss, T.LoraTrainer.cleanup = compute_loss, cleanup
-code = main(["train", *sys.argv[1:]])
+# each rank's own stderr (two processes writing one pipe may interleave their lines)
+captured = io.StringIO()
+with contextlib.redirect_stderr(captured):
+    code = main(["train", *sys.argv[1:]])
+sys.stderr.write(captured.getvalue())
+(report / f"stderr-rank{rank}").write_text(captured.getvalue())
 (report / f"exit-rank{rank}").write_text(str(code))
 sys.exit(code)
 """
@@ -193,7 +198,8 @@ def test_nan_on_one_rank_stops_both_with_one_line(recipe, tmp_path):
     proc, out, report = _nan_run(recipe, tmp_path, "stop")
     assert proc.returncode != 0
     assert [(report / f"exit-rank{r}").read_text() for r in (0, 1)] == ["1", "1"]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("loracraft: error:")]
-    assert len(errors) == 2 and errors[0] == errors[1], errors
+    errors = [line for r in (0, 1) for line in (report / f"stderr-rank{r}").read_text().splitlines()
+              if line.startswith("loracraft: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], errors  # one line on each rank, the same
     assert f"loss became nan at step {NAN_STEP}, {out}" in errors[0]
     assert "trainer.py" not in proc.stderr  # no traceback of ours (torchrun adds its own summary)
