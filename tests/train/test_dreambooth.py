@@ -79,7 +79,7 @@ def test_dreambooth_config_errors_name_the_key_and_the_fix(tiny_sd, tmp_path):
     base = {"model": {"base": "x"}, "data": {"path": "y"}}
     cases = {
         ("dreambooth.instance_prompt=sks dog",): "dreambooth.prior_preservation=true needs dreambooth.class_prompt",
-        ("dreambooth.class_prompt=a dog",): "required config key 'dreambooth.instance_prompt' is missing",
+        ("dreambooth.class_prompt=a dog",): "required config key 'dreambooth.instance_prompt' is not set",
         ("dreambooth.instance_prompt=sks dog", "dreambooth.class_prompt=a dog", "data.buckets=true"): "set data.buckets=false",
         ("dreambooth.instance_prompt=sks dog", "dreambooth.prior_preservation=false", "dreambooth.class_data=z"):
             "dreambooth.class_data is set but dreambooth.prior_preservation=false",
