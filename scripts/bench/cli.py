@@ -93,9 +93,12 @@ def _children_cpu() -> float:
 
 def run_cli(spec: BenchSpec, steps: int, out_dir: Path, env: dict | None = None) -> tuple[float, float]:
     """Wall and CPU seconds of one ``loracraft train`` run; its log goes to ``out_dir``.log."""
-    shutil.rmtree(
-        out_dir, ignore_errors=True
-    )  # this benchmark's own run folder, from an earlier round or call
+    if out_dir.exists():  # this benchmark's own run folder from an earlier round: only a loracraft run goes
+        from loracraft.train.run_dir import MARKER
+
+        if not (out_dir / MARKER).is_file():
+            raise SystemExit(f"bench_cli: {out_dir} exists and is not a loracraft run folder; choose another --work-dir")
+        shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), **(env or {}))
     if spec.device == "cpu":
