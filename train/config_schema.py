@@ -108,6 +108,29 @@ class DataCfg(_Section):
         "model trains; every random choice is keyed by sample position, so results and exact resume do not "
         "depend on it; 0 = decode in the training process",
     )
+    masks: str | None = Field(
+        None,
+        description="loss masks, so only part of each image trains (kohya --masked_loss): null = off; alpha = "
+        "each image's own alpha channel (images without one are errors); or a folder with one grey mask per image "
+        "at the same relative path, any image suffix (masks/cat/001.png for cat/001.jpg; missing masks are errors, "
+        "data.on_error decides). White trains, black does not; a mask is resized, cropped and flipped with its "
+        "image, and scales the per-element loss at latent size (area-averaged); the per-sample loss stays the mean "
+        "over all elements (not divided by the mask's area, as kohya)",
+    )
+    unmasked_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="with data.masks: the loss weight where a mask is black (OneTrainer's unmasked weight); "
+        "weight = unmasked_weight + (1 - unmasked_weight) * mask, so 0 = the background does not train",
+    )
+
+    @field_validator("masks")
+    @classmethod
+    def _masks_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise PydanticCustomError("empty_masks", "is empty; use null (off), alpha, or a mask folder")
+        return v
 
     @field_validator("resolution")
     @classmethod

@@ -309,16 +309,39 @@ def loss_options(scheduler, timesteps: torch.Tensor, cfg_train) -> dict:
     return {"loss_type": cfg_train.loss_type}
 
 
+def mask_weights(mask: torch.Tensor, size: tuple[int, int], unmasked_weight: float = 0.0) -> torch.Tensor:
+    """Per-element loss weights ``[B, 1, h, w]`` from pixel masks ``[B, 1, H, W]`` in [0, 1]
+    (``data.masks``): the mask at latent size by area averaging (kohya sd-scripts
+    ``apply_masked_loss``: ``F.interpolate(mask, size=latents.shape[2:], mode="area")``), then
+    ``unmasked_weight + (1 - unmasked_weight) * mask`` (OneTrainer's "unmasked weight": what black
+    pixels still weigh), written ``1 - (1 - u)(1 - mask)`` so a white mask weighs exactly 1."""
+    m = F.interpolate(mask.float(), size=tuple(size), mode="area").clamp(0.0, 1.0)
+    return 1.0 - (1.0 - unmasked_weight) * (1.0 - m)
+
+
+def mask_options(batch: dict, size: tuple[int, int], unmasked_weight: float) -> dict:
+    """``element_weights`` for :func:`diffusion_loss` when the batch carries masks, else nothing."""
+    if "mask" not in batch:
+        return {}
+    return {"element_weights": mask_weights(batch["mask"], size, unmasked_weight)}
+
+
 def diffusion_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     weights: torch.Tensor | None = None,
     loss_type: str = "mse",
     huber_c: torch.Tensor | None = None,
+    element_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-element loss (MSE unless ``loss_type`` says otherwise) averaged per sample in fp32,
-    weighted per sample, then averaged over the batch."""
-    per_sample = elementwise_loss(pred, target, loss_type, huber_c).mean(dim=tuple(range(1, pred.ndim)))
+    """Per-element loss (MSE unless ``loss_type`` says otherwise) in fp32, times
+    ``element_weights`` (loss masks, broadcast over channels), averaged per sample over every
+    element (kohya's convention: not divided by the mask's area), weighted per sample, then
+    averaged over the batch."""
+    loss = elementwise_loss(pred, target, loss_type, huber_c)
+    if element_weights is not None:
+        loss = loss * element_weights.to(loss.device, loss.dtype)
+    per_sample = loss.mean(dim=tuple(range(1, pred.ndim)))
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device)
     return per_sample.mean()
@@ -332,6 +355,7 @@ def prior_preservation_loss(
     weights: torch.Tensor | None = None,
     loss_type: str = "mse",
     huber_c: torch.Tensor | None = None,
+    element_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DreamBooth's objective (Ruiz et al. 2022, eq. 2): instance loss + weight x class ("prior") loss.
 
@@ -345,7 +369,7 @@ def prior_preservation_loss(
         n_instance: how many leading samples are instance samples (at least 1, fewer than the batch).
         prior_loss_weight: weight of the class half's loss.
         weights: optional per-sample weights (min-SNR), ``[batch]``.
-        loss_type, huber_c: as :func:`diffusion_loss` (``huber_c`` per sample, split like ``weights``).
+        loss_type, huber_c, element_weights: as :func:`diffusion_loss` (split like ``weights``).
     """
     if not 0 < n_instance < pred.shape[0]:
         raise ValueError(f"n_instance={n_instance} must split a batch of {pred.shape[0]} into two non-empty parts")
@@ -353,7 +377,8 @@ def prior_preservation_loss(
     def half(rows: slice) -> torch.Tensor:
         w = None if weights is None else weights[rows]
         c = None if huber_c is None else huber_c[rows]
-        return diffusion_loss(pred[rows], target[rows], w, loss_type, c)
+        e = None if element_weights is None else element_weights[rows]
+        return diffusion_loss(pred[rows], target[rows], w, loss_type, c, e)
 
     return half(slice(0, n_instance)) + prior_loss_weight * half(slice(n_instance, None))
 
@@ -385,7 +410,8 @@ def kohya_metadata(cfg) -> dict[str, str]:
 __all__ = [
     "apply_noise_offset", "debiased_estimation_weights", "diffusion_loss", "elementwise_loss", "huber_threshold",
     "keyed_normal", "kohya_metadata",
-    "loss_options", "loss_weights", "min_snr_weights", "noise_latents", "offset_draws", "perturbation_draws",
+    "loss_options", "loss_weights", "mask_options", "mask_weights",
+    "min_snr_weights", "noise_latents", "offset_draws", "perturbation_draws",
     "prior_preservation_loss", "pyramid_noise", "sample_latents", "sample_noise", "sample_noise_and_timesteps",
     "sample_timesteps", "training_target", "with_zero_terminal_snr",
 ]

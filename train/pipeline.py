@@ -36,20 +36,27 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
     """The dataset, checked like `loracraft check-data` before any weights load (data.on_error).
     Returns ``(images, held-out images or None, dataset fingerprint)``."""
     from loracraft.train.data.check import check_dataset, checked_images, load_tokenizer, with_captions
+    from loracraft.train.data.masks import attach_masks
 
     d, t = cfg.data, cfg.train
+    if d.masks and getattr(d, "concepts", None):
+        raise ConfigError(
+            "data.masks applies to data.path only, but data.concepts is set, config, train the masked images "
+            "as data.path alone or set data.masks=null"
+        )
     try:
         tokenizer = load_tokenizer(cfg.model.base, cfg.model.revision)
     except LoracraftError:
         tokenizer = None  # the model load reports the base properly; token counts are advisory
     report = check_dataset(
         d.path, d.resolution, tokenizer, d.image_column, d.caption_column, progress=acc.is_main_process,
-        allow_outside_links=d.allow_outside_links,
+        allow_outside_links=d.allow_outside_links, masks=d.masks,
     )
     if dreambooth:  # captions come from dreambooth.instance_prompt
         report = with_captions(report, dreambooth.caption)
     images, skipped = checked_images(report, d.on_error)
     images, heldout = heldout_images(cfg, images)  # held-out items never train
+    attach_masks(images, d.masks)  # data.masks: the loss masks of the training images
     if skipped:
         files = sorted({f.shown_file for f in skipped})
         print_(
@@ -71,6 +78,8 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
         print_(f"preserve: {plain} of {len(images)} images have captions without {p.trigger!r}; they train "
                f"toward the base model's own prediction (weight {p.weight:g})")
     fingerprint = images.fingerprint()
+    if images.masks is not None:  # a changed mask changes what trains
+        fingerprint = images.masks.fingerprint(images, fingerprint)
     if dreambooth:  # plus the user's class images
         fingerprint = dreambooth.dataset_fingerprint(fingerprint)
     return images, heldout, fingerprint

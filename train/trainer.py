@@ -38,6 +38,7 @@ from loracraft.train.loss import (
     diffusion_loss,
     loss_options,
     loss_weights,
+    mask_options,
     noise_latents,
     sample_latents,
     training_target,
@@ -278,7 +279,8 @@ class LoraTrainer:
         weights = loss_weights(c.noise_scheduler, timesteps, t, prediction_type)  # min-SNR, debiased estimation
         if self.cfg.preserve is not None:
             target, weights = self._preserve_base(batch, noisy, timesteps, target, weights)
-        return self.loss_fn(pred, target, weights, **loss_options(c.noise_scheduler, timesteps, t))
+        return self.loss_fn(pred, target, weights, **loss_options(c.noise_scheduler, timesteps, t),
+                            **mask_options(batch, pred.shape[-2:], self.cfg.data.unmasked_weight))  # data.masks
 
     def _preserve_base(self, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor,
                        target: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

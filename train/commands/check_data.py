@@ -35,6 +35,12 @@ def register(subparsers) -> None:
         "reporting them as errors (data.allow_outside_links)",
     )
     p.add_argument(
+        "--masks",
+        metavar="alpha|FOLDER",
+        help="check the loss masks too (data.masks): alpha = every image needs an alpha channel; a folder = "
+        "every image needs a mask there at its relative path",
+    )
+    p.add_argument(
         "--instance-prompt",
         metavar="PROMPT",
         help="check as DreamBooth instance images trained with PROMPT (dreambooth.instance_prompt): "
@@ -79,6 +85,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         args.image_column,
         args.caption_column,
         allow_outside_links=args.allow_outside_links,
+        masks=args.masks,
     )
     if args.instance_prompt is not None:
         report = with_captions(report, _instance_caption_rule(args.instance_prompt, args.captions))

@@ -377,6 +377,7 @@ def check_dataset(
     caption_column: str = "text",
     progress: bool = True,
     allow_outside_links: bool = False,
+    masks: str | None = None,
 ) -> CheckReport:
     """Check a dataset in any layout training reads; never modifies it.
 
@@ -390,6 +391,7 @@ def check_dataset(
         progress: show a tqdm bar (only on a terminal).
         allow_outside_links: read images/captions that lead outside the folder instead of reporting
             them as errors (``data.allow_outside_links``).
+        masks: ``data.masks`` (``alpha`` or a mask folder): report images without their mask / alpha.
 
     Returns:
         The report; ``report.trainable`` is False when there is any error.
@@ -401,6 +403,8 @@ def check_dataset(
     report = CheckReport(source, resolution, notes=list(source.notes))
     findings = list(source.findings)
     findings += _check_images(report, progress)
+    if masks:
+        findings = _mask_findings(source, masks, findings)
     if source.files:
         findings += _case_collisions(Path(source.root), source.files)
     if tokenizer is not None:
@@ -425,6 +429,19 @@ def check_dataset(
 
 #: Findings after which the reader did not open the image.
 _NOT_READ = (*OUTSIDE_PROBLEMS, "missing-file")
+
+
+def _mask_findings(source: Source, masks: str, findings: list[Finding]) -> list[Finding]:
+    """``findings`` plus one per image without its mask (``data.masks``); with ``alpha`` the
+    transparency warnings go: transparency is what the masks are read from."""
+    from loracraft.train.data.masks import ALPHA_WARNINGS, Masks
+
+    reader = Masks(masks)
+    reader.check_folder(source)
+    unread = {f.file for f in source.findings if f.problem in _NOT_READ}
+    if reader.alpha:
+        findings = [f for f in findings if f.problem not in ALPHA_WARNINGS]
+    return findings + reader.findings(source, unread)
 
 
 def _check_images(report: CheckReport, progress: bool) -> list[Finding]:

@@ -30,6 +30,8 @@ class CaptionedImages:
         self._image_column = image_column
         self._sizes: dict[int, tuple[int, int]] = {}
         self._hashes: dict[int, str] = {}
+        #: the loss-mask reader (``data.masks``, :mod:`.masks`); None trains every pixel
+        self.masks = None
 
     def __len__(self) -> int:
         return len(self.items)

@@ -164,19 +164,26 @@ def size_conditioning(
 
 
 def resize_and_crop(
-    img: Image.Image, target: tuple[int, int] | int, center_crop: bool, gen: torch.Generator | None
+    img: Image.Image,
+    target: tuple[int, int] | int,
+    center_crop: bool,
+    gen: torch.Generator | None,
+    at: tuple[int, int] | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Resize to cover ``target`` (w, h) and crop it; returns (image, crop top-left as (top, left)).
 
     The crop is centred when ``center_crop`` or when the image already has the target's
-    aspect ratio; otherwise its offset is drawn from ``gen``.
+    aspect ratio; otherwise its offset is drawn from ``gen``. ``at`` (top, left) reuses an
+    offset drawn before: a loss mask is cropped where its image was.
     """
     tw, th = (target, target) if isinstance(target, int) else target
     w, h = img.size
     nw, nh = cover_size((w, h), (tw, th))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
-    if center_crop or gen is None:
+    if at is not None:
+        top, left = at
+    elif center_crop or gen is None:
         left, top = (nw - tw) // 2, (nh - th) // 2
     else:
         left = int(torch.randint(0, nw - tw + 1, (1,), generator=gen))
@@ -326,6 +333,8 @@ class TrainingExamples(torch.utils.data.Dataset):
             out["pixel_values"], out["crop"] = load_pixels(
                 self.planner.images, p.index, p.target, center, p.flip, crop_gen
             )
+        if (masks := getattr(self.planner.images, "masks", None)) is not None:  # data.masks
+            out["mask"] = masks.tensor(self.planner.images, p.index, p.target, out.get("crop"), p.flip)
         if self.text_lookup is not None:
             out.update(self.text_lookup(p.caption))
         out["size_cond"] = size_conditioning(
@@ -349,6 +358,8 @@ def collate(batch: list[dict]) -> dict:
     ):
         if key in batch[0]:
             out[key] = torch.stack([b[key] for b in batch])
+    if masked := [b["mask"] for b in batch if "mask" in b]:  # rows without a mask (class images) train whole
+        out["mask"] = torch.stack([b.get("mask", torch.ones_like(masked[0])) for b in batch])
     return out
 
 
