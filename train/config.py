@@ -351,6 +351,8 @@ def absolute_paths(cfg: Config) -> Config:
             continue
         if section == "checkpoint" and value in ("auto", "latest", "false", "true"):
             continue
+        if section == "data" and key == "masks" and value == "alpha":  # the images' alpha, not a folder
+            continue
         setattr(owner, key, _absolute(value))
     return cfg
 
@@ -360,6 +362,7 @@ LOCAL_PATH_KEYS = (
     ("model", "base", True),
     ("model", "config", False),
     ("data", "path", True),
+    ("data", "masks", False),
     ("dreambooth", "class_data", False),
     ("train", "cache_dir", False),
     ("output", "dir", False),

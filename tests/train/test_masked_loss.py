@@ -44,7 +44,7 @@ def _striped(
         else:
             Image.fromarray(rgb).save(data / name)
         Image.fromarray(white, "L").save(masks / name)
-        rows.append({"file_name": name, "text": f"a striped card {k}"})
+        rows.append({"file_name": name, "text": f"a striped card {k}" + (" sks" if k % 2 else "")})
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
@@ -298,3 +298,33 @@ def test_a_missing_mask_stops_training_before_weights_load(tiny_sd, tmp_path, ma
     with pytest.raises(DataError, match=r"no mask for this image.*02\.png"):
         trainer.setup()
     assert trainer.c is None
+
+
+def test_a_recipe_mask_folder_becomes_absolute_but_alpha_stays(tmp_path, monkeypatch):
+    from loracraft.train.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "alpha").mkdir()  # a folder called alpha does not change what "alpha" means
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {base: x}\ndata: {path: d, masks: m}\n")
+    assert load_config(recipe).data.masks == str(tmp_path / "m")
+    assert load_config(recipe, ["data.masks=alpha"]).data.masks == "alpha"
+
+
+def test_masks_apply_to_preserved_rows_too(tiny_sd, tmp_path, make_trainer):
+    """preserve: rows without the trigger learn the base's prediction; their masks weigh that loss
+    like any other row's (all black: nothing; all white: exactly the unmasked loss)."""
+    out = _striped(tmp_path / "set", n=4)
+    over = {"data.masks": str(out / "masks"), "preserve.trigger": "sks", "train.batch_size": 4}
+    trainer = make_trainer(tiny_sd, out / "data", tmp_path / "r", **over)
+    torch.manual_seed(0)
+    for p in trainer.trainables.values():  # an adapter far from zero: preserved rows have a loss
+        torch.nn.init.normal_(p, std=0.2)
+    batch = next(trainer.batches)
+    assert 0 < sum("sks" in c for c in batch["captions"]) < 4
+    ones = torch.ones_like(batch["mask"])
+    with torch.no_grad():
+        unmasked = trainer.compute_loss({k: v for k, v in batch.items() if k != "mask"})
+        assert trainer.compute_loss({**batch, "mask": ones}).item() == unmasked.item() > 0
+        assert trainer.compute_loss({**batch, "mask": torch.zeros_like(ones)}).item() == 0.0
+        assert 0 < trainer.compute_loss(batch).item() < unmasked.item()
