@@ -118,13 +118,21 @@ def needs_random_crop(size: tuple[int, int], target: tuple[int, int]) -> bool:
     return max(tw, round(w * scale)) > tw or max(th, round(h * scale)) > th
 
 
-def cache_plan(cfg, sizes: list[tuple[int, int]], targets: list[tuple[int, int]]) -> CachePlan:
+def cache_plan(
+    cfg, sizes: list[tuple[int, int]], targets: list[tuple[int, int]], centered: list[bool] | None = None
+) -> CachePlan:
+    """``centered``: per image, whether its crop is centred (data.concepts set center_crop per
+    concept); default data.center_crop for all."""
     from loracraft.infer.errors import ConfigError
+    from loracraft.train.data.concepts import random_caption_keys, resolve_concepts
 
     d, t = cfg.data, cfg.train
     notes: list[str] = []
+    centered = [d.center_crop] * len(sizes) if centered is None else centered
     # With buckets crops are always centred: the margin left by the nearest bucket is a few pixels.
-    random_crops = 0 if (d.center_crop or d.buckets) else sum(needs_random_crop(s, tg) for s, tg in zip(sizes, targets, strict=True))
+    random_crops = 0 if d.buckets else sum(
+        needs_random_crop(s, tg) and not c for s, tg, c in zip(sizes, targets, centered, strict=True)
+    )
     latents = t.cache is not False
     if random_crops and latents:
         if t.cache is True:
@@ -139,16 +147,16 @@ def cache_plan(cfg, sizes: list[tuple[int, int]], targets: list[tuple[int, int]]
         )
         latents = False
     text = t.cache is not False
-    random_captions = [k for k, on in (("shuffle_tags", d.shuffle_tags), ("tag_dropout", d.tag_dropout > 0)) if on]
+    random_captions = random_caption_keys(d)  # data.shuffle_tags / tag_dropout, or a concept's own
     if text and random_captions:
-        keys = " and ".join(f"data.{k}" for k in random_captions)
+        keys = " and ".join(random_captions)
         notes.append(f"text-embedding cache off: {keys} change{'s' * (len(random_captions) == 1)} captions every step")
         text = False
     if text and cfg.lora.text_encoder is not None:
         notes.append("text-embedding cache off: the text encoder trains (lora.text_encoder)")
         text = False
     root = Path(t.cache_dir) if t.cache_dir else default_cache_dir()
-    flips = (False, True) if d.random_flip else (False,)
+    flips = (False, True) if any(c.random_flip for c in resolve_concepts(d)) else (False,)
     variant = ("clip_skip", cfg.model.clip_skip) if cfg.model.clip_skip > 1 else ()
     if cfg.data.max_token_length != 75:
         variant += ("max_token_length", cfg.data.max_token_length)

@@ -260,12 +260,16 @@ def load_for_training(cfg, device) -> tuple[Components, torch.dtype]:
     if cfg.train.zero_terminal_snr:
         c.noise_scheduler = with_zero_terminal_snr(c.noise_scheduler)
     multiple = c.size_multiple
-    if cfg.data.resolution % multiple:
-        raise ConfigError(
-            f"data.resolution={cfg.data.resolution} is not a multiple of {multiple} "
-            f"(VAE factor x UNet downsampling of {m.base}), config, use e.g. "
-            f"{max(multiple, cfg.data.resolution // multiple * multiple)}"
-        )
+    sides = [("data.resolution", cfg.data.resolution)] + [  # and every concept's own
+        (f"data.concepts[{i}].resolution", k.resolution) for i, k in enumerate(cfg.data.concepts) if k.resolution
+    ]
+    for key, side in sides:
+        if side % multiple:
+            raise ConfigError(
+                f"{key}={side} is not a multiple of {multiple} "
+                f"(VAE factor x UNet downsampling of {m.base}), config, use e.g. "
+                f"{max(multiple, side // multiple * multiple)}"
+            )
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         cfg.train.mixed_precision
     ]

@@ -221,11 +221,48 @@ def _source_of(loc: str, source: str, overrides: dict[str, str]) -> str:
     return source
 
 
+def _item_loc(loc: tuple) -> str | None:
+    """``data.concepts[1].path`` for a key inside a list item (``data.concepts``), else None; a
+    trailing index (one value of a list of strings) is left out, as for every other key."""
+    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc]
+    while parts and parts[-1].startswith("["):
+        parts.pop()
+    shown = "".join(parts).lstrip(".")
+    return shown if "[" in shown else None
+
+
+def _item_suggestion(loc: tuple) -> str:
+    """' (did you mean X?)' among the keys of the list item an unknown key was found in."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        ann = field.annotation if field is not None else None
+        model = _unwrap_model(ann) or _optional_model(ann) or next(
+            (m for a in typing.get_args(ann) if (m := _unwrap_model(a))), None
+        )
+    names = list(model.model_fields) if model is not None else []
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
 def _format_errors(err: ValidationError, source: str, overrides: dict[str, str] | None = None) -> list[str]:
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
         where = _source_of(loc, source, overrides or {})
+        item = _item_loc(e["loc"])
+        if item is not None:  # inside a list item (data.concepts): no dotted override reaches it
+            if e["type"] == "missing":
+                problems.append(f"required config key '{item}' is not set, {where}, give it in the YAML")
+            elif e["type"] == "extra_forbidden":
+                problems.append(f"unknown config key '{item}', {where}, remove it{_item_suggestion(e['loc'])}")
+            else:
+                got = e.get("input")
+                got_s = "" if isinstance(got, dict) else f" (got {quote(got)})"
+                problems.append(f"bad value for '{item}'{got_s}, {where}: {e['msg'].lower()}")
+            continue
         required = _field_for(loc) is not None and _field_for(loc).is_required()
         if e["type"] == "missing" or (required and e.get("input") is None):
             problems.append(
@@ -354,6 +391,9 @@ def absolute_paths(cfg: Config) -> Config:
         if section == "data" and key == "masks" and value == "alpha":  # the images' alpha, not a folder
             continue
         setattr(owner, key, _absolute(value))
+    for concept in cfg.data.concepts:  # like data.path: local folders only, hub ids stay
+        if Path(concept.path).expanduser().exists():
+            concept.path = _absolute(concept.path)
     return cfg
 
 

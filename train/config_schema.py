@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -52,8 +52,52 @@ class ModelCfg(_Section):
     )
 
 
+class ConceptCfg(_Section):
+    """One dataset of a multi-dataset run (kohya's ``[[datasets.subsets]]``, OneTrainer's concepts).
+    A key left unset (null) takes the value of the same ``data.*`` key."""
+
+    path: str = Field(min_length=1, description="dataset folder, saved `datasets` dataset, or hub id (required)")
+    repeats: int = Field(
+        1, ge=1, description="how many times each image is seen per epoch (kohya num_repeats); multiplies the "
+        "repeats of kohya N_name folders inside it",
+    )
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    keep_tokens: int | None = Field(None, ge=0)
+    shuffle_tags: bool | None = None
+    tag_dropout: float | None = Field(None, ge=0.0, le=1.0)
+    caption_dropout: float | None = Field(None, ge=0.0, le=1.0)
+    resolution: int | None = Field(None, gt=0, le=MAX_RESOLUTION)
+    center_crop: bool | None = None
+    random_flip: bool | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        return v if v is None else DataCfg._multiple_of_8(v)
+
+
+#: The data.* keys a concept may set for itself (the rest of data.* is shared by the whole run).
+CONCEPT_KEYS = tuple(k for k in ConceptCfg.model_fields if k not in ("path", "repeats"))
+
+
 class DataCfg(_Section):
-    path: str = Field(description="dataset folder, saved `datasets` dataset, or hub id (required)")
+    path: str | None = Field(
+        description="dataset folder, saved `datasets` dataset, or hub id (required unless data.concepts lists "
+        "the datasets; with both, data.path trains as the first concept, with the data.* settings)"
+    )
+    concepts: list[ConceptCfg] = Field(
+        default_factory=list,
+        description="several datasets in one run (kohya dataset_config subsets, OneTrainer concepts), e.g. "
+        "[{path: photos/me, repeats: 4, caption_prefix: 'sks person'}, {path: photos/style, resolution: 768}]. "
+        "Each takes path (required), repeats (>= 1, default 1: times each image is seen per epoch, multiplying "
+        "kohya N_name folder repeats) and its own " + ", ".join(CONCEPT_KEYS) + "; a key it leaves unset takes "
+        "the data.* value. Concepts of different resolutions train in separate batches (every batch has one "
+        "size). Set it in the YAML: command-line overrides can replace the whole list "
+        "(data.concepts=[{path: a}, {path: b, repeats: 2}]) but not one item's key",
+    )
     image_column: str = "image"
     caption_column: str = "text"
     resolution: int = Field(
@@ -131,6 +175,19 @@ class DataCfg(_Section):
         if v is not None and not v.strip():
             raise PydanticCustomError("empty_masks", "is empty; use null (off), alpha, or a mask folder")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_or_concepts(cls, data: Any) -> Any:
+        """data.path may be left out only when data.concepts names the datasets; otherwise a
+        null path is reported as the missing required key it is."""
+        if isinstance(data, dict) and data.get("path") is None:
+            data = dict(data)
+            if data.get("concepts"):
+                data["path"] = None
+            else:
+                data.pop("path", None)
+        return data
 
     @field_validator("resolution")
     @classmethod
@@ -484,6 +541,9 @@ class Config(_Section):
         found += self._lycoris_contradictions()
         found += self._training_control_contradictions()
         found += self._dreambooth_contradictions()
+        if self.dreambooth is not None and self.data.concepts:
+            found.append(("dreambooth and data.concepts are both set (DreamBooth's instance images are the one "
+                          "folder data.path)", "put the instance images in data.path and remove data.concepts"))
         if self.preserve is not None and self.dreambooth is not None:
             found.append(("preserve and dreambooth are both set (two regularisation schemes for one batch)",
                           "use dreambooth prior preservation or preserve, not both"))

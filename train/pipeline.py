@@ -36,6 +36,7 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
     """The dataset, checked like `loracraft check-data` before any weights load (data.on_error).
     Returns ``(images, held-out images or None, dataset fingerprint)``."""
     from loracraft.train.data.check import check_dataset, checked_images, load_tokenizer, with_captions
+    from loracraft.train.data.concepts import check_concepts_for_training, concepts_fingerprint
     from loracraft.train.data.masks import attach_masks
 
     d, t = cfg.data, cfg.train
@@ -48,13 +49,17 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
         tokenizer = load_tokenizer(cfg.model.base, cfg.model.revision)
     except LoracraftError:
         tokenizer = None  # the model load reports the base properly; token counts are advisory
-    report = check_dataset(
-        d.path, d.resolution, tokenizer, d.image_column, d.caption_column, progress=acc.is_main_process,
-        allow_outside_links=d.allow_outside_links, masks=d.masks,
-    )
-    if dreambooth:  # captions come from dreambooth.instance_prompt
-        report = with_captions(report, dreambooth.caption)
-    images, skipped = checked_images(report, d.on_error)
+    if d.concepts:  # several datasets: each checked alike, its problems named by its path
+        images, skipped, report = check_concepts_for_training(d, tokenizer, acc.is_main_process, print_), [], None
+    else:
+        report = check_dataset(
+            d.path, d.resolution, tokenizer, d.image_column, d.caption_column, progress=acc.is_main_process,
+            allow_outside_links=d.allow_outside_links, masks=d.masks,
+        )
+        if dreambooth:  # captions come from dreambooth.instance_prompt
+            report = with_captions(report, dreambooth.caption)
+        images, skipped = checked_images(report, d.on_error)
+    where = d.path or images.root
     images, heldout = heldout_images(cfg, images)  # held-out items never train
     attach_masks(images, d.masks)  # data.masks: the loss masks of the training images
     if skipped:
@@ -63,7 +68,7 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
             f"warning: skipped {len(files)} of {report.images} images with errors (data.on_error=skip): "
             + ", ".join(files)
         )
-    if report.warnings:
+    if report is not None and report.warnings:
         counts = ", ".join(f"{n} {p}" for p, n in report.counts("warning").items())
         print_(f"data check: {len(report.warnings)} warnings ({counts}); details: loracraft check-data {d.path}")
     samples = sum(images.repeats())
@@ -71,13 +76,13 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
         per = f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""
         raise ConfigError(
             f"train.batch_size={t.batch_size}{per} is larger than the dataset ({samples} samples per epoch), "
-            f"{d.path}, lower train.batch_size to at most {samples // acc.num_processes or 1} or add images"
+            f"{where}, lower train.batch_size to at most {samples // acc.num_processes or 1} or add images"
         )
     if (p := cfg.preserve) is not None:
-        plain = check_trigger([images.caption(i) for i in range(len(images))], p.trigger, d.path)
+        plain = check_trigger([images.caption(i) for i in range(len(images))], p.trigger, where)
         print_(f"preserve: {plain} of {len(images)} images have captions without {p.trigger!r}; they train "
                f"toward the base model's own prediction (weight {p.weight:g})")
-    fingerprint = images.fingerprint()
+    fingerprint = concepts_fingerprint(images) if d.concepts else images.fingerprint()
     if images.masks is not None:  # a changed mask changes what trains
         fingerprint = images.masks.fingerprint(images, fingerprint)
     if dreambooth:  # plus the user's class images
@@ -91,6 +96,10 @@ def make_planner(images, cfg: Config, num_processes: int, print_: Callable[[str]
     d, t = cfg.data, cfg.train
     n = len(images)
     sizes = [images.size(i) for i in range(n)]
+    if d.concepts:  # per-concept settings and resolutions
+        from loracraft.train.data.concepts import concept_planner
+
+        return concept_planner(images, cfg, sizes, num_processes, print_), sizes
     if d.buckets:
         buckets = make_buckets(d.resolution, d.bucket_step)
         targets = [assign_bucket(s, buckets) for s in sizes]
@@ -109,7 +118,7 @@ def build_sources(
     """Latent / text-embedding lookups from the on-disk cache (main process builds, others wait),
     and the plan that says what is cached. The training images; DreamBooth's class images too.
     Time spent adds up in ``timings["cache_s"]`` (wall) and ``timings["cache_cpu_s"]``."""
-    plan = cache_plan(cfg, sizes, planner.targets)
+    plan = cache_plan(cfg, sizes, planner.targets, [planner.settings(i).center_crop for i in range(len(sizes))])
     for note in plan.notes:
         print_(note)
     if not (plan.latents or plan.text):

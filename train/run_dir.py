@@ -181,7 +181,14 @@ def guarded_paths(cfg, cache_dir: str | Path) -> list[tuple[str, str | Path | No
     db = cfg.dreambooth
     return [
         # a hub dataset id is no folder of the user's; a local path is, even one not made yet
-        ("data.path", cfg.data.path if Path(os.path.expanduser(cfg.data.path)).exists() else None),
+        (
+            "data.path",
+            cfg.data.path if cfg.data.path and Path(os.path.expanduser(cfg.data.path)).exists() else None,
+        ),
+        *(
+            (f"data.concepts[{i}].path", c.path if Path(os.path.expanduser(c.path)).exists() else None)
+            for i, c in enumerate(cfg.data.concepts)
+        ),
         ("dreambooth.class_data", db.class_data if db else None),
         ("the cache folder (train.cache_dir)", cfg.train.cache_dir or cache_dir),
     ]

@@ -161,7 +161,8 @@ def _sweep_prompts(manifest: dict) -> list[str]:
     from loracraft.train.data import load_captioned_images
 
     d = manifest["config"]["data"]
-    images = load_captioned_images(d["path"], d["image_column"], d["caption_column"])
+    first = d.get("path") or d["concepts"][0]["path"]  # data.concepts only: the first concept's captions
+    images = load_captioned_images(first, d["image_column"], d["caption_column"])
     return [images.caption(i) for i in range(min(2, len(images)))]
 
 

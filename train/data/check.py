@@ -377,6 +377,7 @@ def check_dataset(
     caption_column: str = "text",
     progress: bool = True,
     allow_outside_links: bool = False,
+    setting: str = "data.path",
     masks: str | None = None,
 ) -> CheckReport:
     """Check a dataset in any layout training reads; never modifies it.
@@ -391,6 +392,7 @@ def check_dataset(
         progress: show a tqdm bar (only on a terminal).
         allow_outside_links: read images/captions that lead outside the folder instead of reporting
             them as errors (``data.allow_outside_links``).
+        setting: the config key ``path`` came from, as a dataset that cannot be opened names it.
         masks: ``data.masks`` (``alpha`` or a mask folder): report images without their mask / alpha.
 
     Returns:
@@ -399,7 +401,7 @@ def check_dataset(
     Raises:
         DataError: the path cannot be opened as a dataset at all (missing, a file, unreachable hub id).
     """
-    source = read_source(path, image_column, caption_column, allow_outside_links)
+    source = read_source(path, image_column, caption_column, allow_outside_links, setting)
     report = CheckReport(source, resolution, notes=list(source.notes))
     findings = list(source.findings)
     findings += _check_images(report, progress)

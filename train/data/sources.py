@@ -73,6 +73,7 @@ class Item:
     row: int | None = None  # row index into a ``datasets`` dataset
     repeats: int = 1
     key: str = ""  # path relative to the root, or "row N": how findings name this item
+    concept: int = 0  # which of the run's datasets it belongs to (data.concepts, :mod:`.concepts`)
 
 
 @dataclass
@@ -480,14 +481,14 @@ def _read_hf(ds, root: str, image_column: str, caption_column: str, layout: str)
     return src
 
 
-def _load_hub(name: str):
+def _load_hub(name: str, setting: str = "data.path"):
     from datasets import load_dataset
 
     try:
         return load_dataset(name, split="train")
     except Exception as e:
         raise DataError(
-            f"dataset '{name}' is neither a local folder nor a reachable hub dataset, data.path, "
+            f"dataset '{name}' is neither a local folder nor a reachable hub dataset, {setting}, "
             f"check the path or your network ({type(e).__name__})"
         ) from e
 
@@ -501,21 +502,23 @@ def read_source(
     image_column: str = "image",
     caption_column: str = "text",
     allow_outside_links: bool = False,
+    setting: str = "data.path",
 ) -> Source:
     """Read a dataset in any supported layout: its items in training order and its layout findings.
 
     Raises DataError (one line) only when the path cannot be opened as a dataset at all
     (missing folder, a file, an unreachable hub id, a saved dataset without a train split);
-    every other problem is a finding.
+    every other problem is a finding. ``setting`` is the config key the path came from, as
+    those errors name it (``data.concepts[1].path``).
     """
     text = str(path)
     root = Path(text).expanduser()
     if root.exists() and not root.is_dir():
-        raise DataError(f"dataset path is a file, not a folder, {root}, point data.path at the folder")
+        raise DataError(f"dataset path is a file, not a folder, {root}, point {setting} at the folder")
     if not root.exists():
         if text.startswith((".", "/", "~")) or text.count("/") != 1:
-            raise DataNotFound(f"dataset folder not found, {root}, check data.path")
-        return _read_hf(_load_hub(text), text, image_column, caption_column, "hub")
+            raise DataNotFound(f"dataset folder not found, {root}, check {setting}")
+        return _read_hf(_load_hub(text, setting), text, image_column, caption_column, "hub")
     if any((root / m).is_file() for m in METADATA_FILES):
         return _read_imagefolder(root, files_under(root), caption_column, allow_outside_links)
     if is_saved_dataset(root):

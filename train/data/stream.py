@@ -265,31 +265,44 @@ class Planner:
         seed: int,
         targets: list[tuple[int, int]],
         affixes: bool = True,
+        concepts: list | None = None,
     ):
         self.images, self.stream, self.cfg, self.seed, self.targets = images, stream, cfg_data, seed, targets
         # data.caption_prefix/suffix belong to the dataset's captions (not e.g. DreamBooth's class prompt).
         self.prefix = getattr(cfg_data, "caption_prefix", "") if affixes else ""
         self.suffix = getattr(cfg_data, "caption_suffix", "") if affixes else ""
+        #: data.concepts: each item's caption and crop settings are its concept's (``Item.concept``)
+        self.concepts = concepts
+
+    def settings(self, index: int):
+        """The caption / crop settings item ``index`` trains with: its concept's, else ``data.*``."""
+        return self.cfg if self.concepts is None else self.concepts[self.images.items[index].concept]
+
+    def _affixes(self, index: int) -> tuple[str, str]:
+        if self.concepts is None:
+            return self.prefix, self.suffix
+        s = self.settings(index)
+        return s.caption_prefix, s.caption_suffix
 
     def fixed_caption(self, index: int) -> str:
         """Item ``index``'s caption before any random change: what the text cache encodes."""
-        return with_affixes(self.images.caption(index), self.prefix, self.suffix)
+        return with_affixes(self.images.caption(index), *self._affixes(index))
 
     def plan(self, position: int) -> Plan:
         idx = self.stream.item_at(position)
+        s = self.settings(idx)
         flip = (
-            self.cfg.random_flip
+            s.random_flip
             and float(torch.rand((), generator=keyed_generator(self.seed, position, "flip"))) < 0.5
         )
         caption = prepare_caption(
             self.images.caption(idx),
             keyed_generator(self.seed, position, "caption"),
-            self.cfg.caption_dropout,
-            self.cfg.shuffle_tags,
-            getattr(self.cfg, "keep_tokens", 0),
-            getattr(self.cfg, "tag_dropout", 0.0),
-            self.prefix,
-            self.suffix,
+            s.caption_dropout,
+            s.shuffle_tags,
+            getattr(s, "keep_tokens", 0),
+            getattr(s, "tag_dropout", 0.0),
+            *self._affixes(idx),
         )
         return Plan(position, idx, flip, caption, self.targets[idx])
 
@@ -329,7 +342,7 @@ class TrainingExamples(torch.utils.data.Dataset):
             out.update(self.latent_lookup(p.index, p.flip))
         else:
             crop_gen = keyed_generator(self.planner.seed, position, "crop")
-            center = self.planner.cfg.center_crop or self.planner.cfg.buckets
+            center = self.planner.settings(p.index).center_crop or self.planner.cfg.buckets
             out["pixel_values"], out["crop"] = load_pixels(
                 self.planner.images, p.index, p.target, center, p.flip, crop_gen
             )
