@@ -401,6 +401,7 @@ def kohya_metadata(cfg) -> dict[str, str]:
         "ss_debiased_estimation": t.debiased_estimation or None,
         "ss_ip_noise_gamma": t.input_perturbation or None,
         "ss_loss_type": {"mse": None, "l1": "l1"}.get(t.loss_type, t.loss_type),
+        "ss_masked_loss": True if cfg.data.masks else None,  # kohya --masked_loss / --alpha_mask
     }
     if t.loss_type in ("huber", "smooth_l1"):
         on.update(ss_huber_schedule=t.huber_schedule, ss_huber_c=t.huber_c)

@@ -328,3 +328,62 @@ def test_masks_apply_to_preserved_rows_too(tiny_sd, tmp_path, make_trainer):
         assert trainer.compute_loss({**batch, "mask": ones}).item() == unmasked.item() > 0
         assert trainer.compute_loss({**batch, "mask": torch.zeros_like(ones)}).item() == 0.0
         assert 0 < trainer.compute_loss(batch).item() < unmasked.item()
+
+
+def test_masked_loss_is_named_in_kohyas_metadata():
+    from loracraft.train.config import build_config
+    from loracraft.train.loss import kohya_metadata
+
+    cfg = build_config({"model": {"base": "x"}, "data": {"path": "y", "masks": "alpha"}}, [])
+    assert kohya_metadata(cfg) == {"ss_masked_loss": "True"}
+
+
+def test_two_processes_train_what_one_does_with_masks(tiny_sd, tmp_path, make_trainer):
+    """Each sample's mask follows its stream position, not its rank: 2 processes x batch 1 train
+    what 1 process x batch 2 trains (up to the order of the gradient sum)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = _striped(tmp_path / "set", n=2)
+    over = {
+        "data.masks": str(out / "masks"),
+        "data.random_flip": "true",
+        "train.cache": "false",
+        "train.max_steps": 2,
+        "train.lr": 1e-3,
+        "lora.rank": 4,
+    }
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {{base: {tiny_sd}}}\ndata: {{path: {out / 'data'}, resolution: 32}}\n"
+        "output: {report_to: [], report: false}\n"
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "loracraft.train",
+            str(recipe),
+            f"output.dir={tmp_path / 'two'}",
+            "train.batch_size=1",
+            *(f"{k}={v}" for k, v in over.items()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = make_trainer(tiny_sd, out / "data", tmp_path / "one", **over, **{"train.batch_size": 2})
+    one.train()
+    a = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(one.cleanup()))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
