@@ -61,7 +61,9 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
         images, skipped = checked_images(report, d.on_error)
     where = d.path or images.root
     images, heldout = heldout_images(cfg, images)  # held-out items never train
-    attach_masks(images, d.masks)  # data.masks: the loss masks of the training images
+    if attach_masks(images, d.masks).masks is not None:  # data.masks: the loss masks of the training images
+        how = "their alpha channel" if images.masks.alpha else d.masks
+        print_(f"loss masks: {len(images)} images masked by {how}; black pixels weigh {d.unmasked_weight:g}")
     if skipped:
         files = sorted({f.shown_file for f in skipped})
         print_(
