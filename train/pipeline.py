@@ -40,7 +40,7 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
     from loracraft.train.data.masks import attach_masks
 
     d, t = cfg.data, cfg.train
-    if d.masks and getattr(d, "concepts", None):
+    if d.masks and d.concepts:
         raise ConfigError(
             "data.masks applies to data.path only, but data.concepts is set, config, train the masked images "
             "as data.path alone or set data.masks=null"

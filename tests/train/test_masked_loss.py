@@ -351,3 +351,12 @@ def test_each_rank_gets_the_masks_one_process_would(tmp_path):
         whole, parts = next(one), [next(r) for r in ranks]
         assert torch.equal(whole["mask"], torch.cat([p["mask"] for p in parts]))
         assert torch.equal(whole["positions"], torch.cat([p["positions"] for p in parts]))
+
+
+def test_masks_with_concepts_are_refused_before_weights_load(tiny_sd, tmp_path, make_trainer):
+    out = _striped(tmp_path / "set", n=2)
+    over = {"data.masks": "alpha", "data.concepts": f"[{{path: {out / 'data'}}}]"}
+    trainer = make_trainer(tiny_sd, out / "data", tmp_path / "r", setup=False, **over)
+    with pytest.raises(ConfigError, match="data.masks applies to data.path only"):
+        trainer.setup()
+    assert trainer.c is None
