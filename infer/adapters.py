@@ -58,6 +58,7 @@ __all__ = [
     "unfuse",
     "is_fused",
     "unload",
+    "remove_adapter",
     "check_fit",
     "build_random_lora",
 ]
@@ -501,6 +502,25 @@ def unfuse(pipe) -> None:
         for key, weight in state["backup"].items():
             layers[key].get_base_layer().weight.copy_(weight)
     setattr(pipe, _FUSED, None)
+
+
+def remove_adapter(pipe, name: str) -> None:
+    """Take one adapter out of the pipeline (unfusing first); every other adapter stays as it was,
+    including ones loracraft did not load (a trainer's own adapter in the models it is training)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if name not in _registry(pipe):
+        raise UsageError(f"unknown adapter {name!r}, remove_adapter, loaded: {', '.join(_registry(pipe)) or 'none'}")
+    unfuse(pipe)
+    del _registry(pipe)[name]
+    for component in _LORA_COMPONENTS:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer) and name in getattr(layer, "lora_A", {}):
+                layer.delete_adapter(name)
+        (getattr(model, "peft_config", None) or {}).pop(name, None)
 
 
 def unload(pipe) -> None:

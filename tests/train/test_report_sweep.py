@@ -22,7 +22,7 @@ def test_sweep_grid_reports_progress_and_matches_one_sweep(tiny_sd, tmp_path, ca
     err = capsys.readouterr().err
     n = len(SWEEP_SCALES)
     assert [line for line in err.splitlines() if line.startswith("report:")] == [
-        f"report: scale sweep {i}/{n}" for i in range(1, n + 1)
+        "report: loading the base for the scale sweep", *(f"report: scale sweep {i}/{n}" for i in range(1, n + 1))
     ]
     pipe = load_base(tiny_sd)
     load_adapter(pipe, run / LORA_WEIGHT_NAME)

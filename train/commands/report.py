@@ -133,23 +133,37 @@ def curves_png(rows: list[dict]) -> str | None:
     return uri
 
 
-def sweep_grid(run_dir: Path, manifest: dict, prompts: list[str]):
-    """The adapter at each of SWEEP_SCALES (rows) for each prompt (columns), same seeds."""
-    from loracraft.infer.adapters import load_adapter
+def sweep_grid(run_dir: Path, manifest: dict, prompts: list[str], pipe=None):
+    """The adapter at each of SWEEP_SCALES (rows) for each prompt (columns), same seeds.
+
+    ``pipe``: a pipeline of the run's base already in memory (the trainer's, at the end of a run);
+    the run's adapter file is loaded into it as a user would load it, and taken out again after.
+    Without one the base is read from disk."""
+    from loracraft.infer.adapters import load_adapter, remove_adapter
     from loracraft.infer.generation import make_grid, sweep_scales
     from loracraft.infer.models import load_base
 
     cfg = manifest["config"]
     v, res = cfg["validation"], cfg["data"]["resolution"]
-    pipe = load_base(cfg["model"]["base"], revision=cfg["model"].get("revision"), variant=cfg["model"].get("variant"))
-    load_adapter(pipe, run_adapter_file(run_dir))
+    reused = pipe is not None
+    if reused:
+        print("report: scale sweep on the base already in memory", file=sys.stderr, flush=True)
+    else:
+        print("report: loading the base for the scale sweep", file=sys.stderr, flush=True)
+        pipe = load_base(cfg["model"]["base"], revision=cfg["model"].get("revision"),
+                         variant=cfg["model"].get("variant"))
+    adapter = load_adapter(pipe, run_adapter_file(run_dir), name="report-sweep")
     rows = []
-    for i, scale in enumerate(SWEEP_SCALES):  # one scale at a time, to show progress; same seeds each
-        print(f"report: scale sweep {i + 1}/{len(SWEEP_SCALES)}", file=sys.stderr, flush=True)
-        rows += sweep_scales(
-            pipe, [scale], prompt=prompts, seed=v["seed"], steps=v["steps"], guidance=v["guidance"],
-            width=res, height=res,
-        )
+    try:
+        for i, scale in enumerate(SWEEP_SCALES):  # one scale at a time, to show progress; same seeds each
+            print(f"report: scale sweep {i + 1}/{len(SWEEP_SCALES)}", file=sys.stderr, flush=True)
+            rows += sweep_scales(
+                pipe, [scale], prompt=prompts, seed=v["seed"], steps=v["steps"], guidance=v["guidance"],
+                width=res, height=res,
+            )
+    finally:
+        if reused:
+            remove_adapter(pipe, adapter.name)
     images = [g.image for row in rows for g in row]
     return make_grid(images, rows=len(SWEEP_SCALES), cols=len(prompts))
 
@@ -171,7 +185,8 @@ def _table(pairs) -> str:
     return f"<table>{rows}</table>"
 
 
-def write_report(run_dir: str | Path, sweep: bool = True) -> Path:
+def write_report(run_dir: str | Path, sweep: bool = True, pipe=None) -> Path:
+    """``report.html`` of a run; ``pipe``: the base already in memory for the scale sweep (see :func:`sweep_grid`)."""
     run_dir = Path(run_dir)
     manifest_path = run_dir / "run.json"
     if not manifest_path.is_file():
@@ -197,7 +212,7 @@ def write_report(run_dir: str | Path, sweep: bool = True) -> Path:
     sweep_html = "<p>skipped</p>"
     if sweep and run_adapter_file(run_dir).is_file():
         prompts = _sweep_prompts(manifest)
-        grid = sweep_grid(run_dir, manifest, prompts)
+        grid = sweep_grid(run_dir, manifest, prompts, pipe)
         grid.save(run_dir / "samples" / "scale-sweep.png") if (run_dir / "samples").is_dir() else None
         sweep_html = (f"<p>rows: LoRA scale {', '.join(str(s) for s in SWEEP_SCALES)} (top to bottom); "
                       f"columns: {html.escape(' | '.join(prompts))}</p>"
