@@ -296,3 +296,23 @@ def test_two_concept_run_resumes_exactly(tiny_sd, tmp_path, make_trainer):
     assert manifest["dataset_fingerprint"] == concepts_fingerprint(_images(build_config(manifest["config"])))
     with safe_open(str(adapter), "pt") as f:  # the shared header holds no local path
         assert not any(str(tmp_path) in v for v in f.metadata().values())
+
+
+def test_eval_and_report_of_a_concepts_run(tmp_path):
+    """eval cannot re-split a held-out fraction of several datasets: one line asking for --heldout;
+    the report names every dataset the run trained on."""
+    from loracraft.infer.errors import UsageError
+    from loracraft.infer.names import LORA_WEIGHT_NAME
+    from loracraft.train.commands.evaluate import evaluate
+    from loracraft.train.commands.report import write_report
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LORA_WEIGHT_NAME).write_bytes(b"")
+    config = {"model": {"base": "unused"}, "lora": {"rank": 4, "alpha": 4},
+              "data": {"path": None, "resolution": 32, "concepts": [{"path": "/d/a", "repeats": 3}, {"path": "/d/b"}]},
+              "validation": {"heldout": 0.25, "prompts": [], "seed": 0, "steps": 2, "guidance": 1.0}}
+    (run / "run.json").write_text(json.dumps({"config": config, "status": "complete"}))
+    with pytest.raises(UsageError, match=r"data.concepts.*pass --heldout DIR"):
+        evaluate(run)
+    page = write_report(run, sweep=False).read_text()
+    assert "/d/a (x3), /d/b (x1)" in page

@@ -182,6 +182,9 @@ def evaluate(
         from loracraft.train.validation import split_heldout
 
         d = cfg["data"]
+        if d.get("concepts"):  # the trainer split the merged concepts; one folder's split would be other images
+            raise UsageError(f"{run_dir} set aside {fraction:g} of several datasets (data.concepts), eval cannot "
+                             "re-split them, pass --heldout DIR (images the run never trained on)")
         data = load_captioned_images(str(_run_path(d["path"], run_dir)), d["image_column"], d["caption_column"])
         images = split_heldout(data, fraction, cfg["train"]["seed"])[1]
         heldout_dir = f"{fraction:g} of {d['path']} (validation.heldout)"

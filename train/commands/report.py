@@ -180,6 +180,13 @@ def _sweep_prompts(manifest: dict) -> list[str]:
     return [images.caption(i) for i in range(min(2, len(images)))]
 
 
+def _datasets(data: dict) -> str:
+    """data.path and every data.concepts path (with its repeats), as trained."""
+    paths = [data["path"]] if data.get("path") else []
+    paths += [f"{c['path']} (x{c.get('repeats') or 1})" for c in data.get("concepts") or []]
+    return ", ".join(paths) or "n/a"
+
+
 def _table(pairs) -> str:
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in pairs)
     return f"<table>{rows}</table>"
@@ -198,7 +205,7 @@ def write_report(run_dir: str | Path, sweep: bool = True, pipe=None) -> Path:
     parts.append('<h2 id="summary">Summary</h2>' + _table([
         ("status", manifest.get("status")), ("steps", manifest.get("steps")),
         ("final loss", f"{final_loss:.5f}" if final_loss is not None else "n/a"),
-        ("base", manifest["config"]["model"]["base"]), ("dataset", manifest["config"]["data"]["path"]),
+        ("base", manifest["config"]["model"]["base"]), ("dataset", _datasets(manifest["config"]["data"])),
         ("rank / alpha", f"{manifest['config']['lora']['rank']} / {manifest['config']['lora']['alpha']}"),
         ("weights sha256", manifest.get("weights_sha256")), ("wall time (s)", manifest.get("wall_time_s")),
     ]))
