@@ -54,7 +54,8 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
     else:
         report = check_dataset(
             d.path, d.resolution, tokenizer, d.image_column, d.caption_column, progress=acc.is_main_process,
-            allow_outside_links=d.allow_outside_links, masks=d.masks,
+            allow_outside_links=d.allow_outside_links, masks=d.masks, caption_prefix=d.caption_prefix,
+            caption_suffix=d.caption_suffix, max_token_length=d.max_token_length,
         )
         if dreambooth:  # captions come from dreambooth.instance_prompt
             report = with_captions(report, dreambooth.caption)

@@ -119,6 +119,29 @@ def test_token_count_matches_the_tokenizer(report, tokenizer, messy):
     assert f"caption is {n} tokens" in long_finding.what and f"the last {n - 77} are cut" in long_finding.what
 
 
+def test_token_count_includes_prefix_suffix_and_follows_max_token_length(tmp_path, tokenizer):
+    """Counted as training tokenizes: prefix + caption + suffix joined with spaces (kohya), and
+    max_token_length=150 allows 150 content tokens + BOS/EOS before anything is cut."""
+    from PIL import Image
+
+    words = " ".join(["red"] * 70)
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text(words, encoding="utf-8")
+    plain = check_dataset(tmp_path, tokenizer=tokenizer, progress=False)
+    assert "caption-too-long" not in {f.problem for f in plain.findings}
+    prefix, suffix = "blue " * 5, "green " * 5
+    n = len(tokenizer(f"{prefix.strip()} {words} {suffix.strip()}", truncation=False).input_ids)
+    assert n > 77
+    affixed = check_dataset(tmp_path, tokenizer=tokenizer, progress=False, caption_prefix=prefix.strip(),
+                            caption_suffix=suffix.strip())
+    (long_finding,) = [f for f in affixed.findings if f.problem == "caption-too-long"]
+    assert f"is {n} tokens" in long_finding.what and f"the last {n - 77} are cut" in long_finding.what
+    assert "data.max_token_length" in long_finding.fix
+    windows = check_dataset(tmp_path, tokenizer=tokenizer, progress=False, caption_prefix=prefix.strip(),
+                            caption_suffix=suffix.strip(), max_token_length=150)
+    assert "caption-too-long" not in {f.problem for f in windows.findings}
+
+
 def test_size_and_token_checks_are_skipped_with_a_note(messy):
     bare = check_dataset(messy[0], progress=False)
     problems = {p for found in bare.by_file().values() for p, _ in found}

@@ -157,6 +157,7 @@ def _check_recipe(args: argparse.Namespace) -> int:
         tokenizer,
         allow_outside_links=args.allow_outside_links or cfg.data.allow_outside_links,
         resolution=args.resolution or True,
+        max_token_length=cfg.data.max_token_length,
     )
     if cfg.dreambooth is not None:  # captions come from dreambooth.instance_prompt
         reports = [with_captions(r, caption_rule(cfg.dreambooth)) for r in reports]

@@ -22,6 +22,7 @@ _SOURCES = (
     "load_captioned_images",
     "read_source",
     "to_rgb",
+    "with_affixes",
 )
 _STREAM = (
     "BucketedStream",
@@ -40,7 +41,6 @@ _STREAM = (
     "make_buckets",
     "positions_for",
     "prepare_caption",
-    "with_affixes",
     "resize_and_crop",
     "size_conditioning",
     "to_tensor",

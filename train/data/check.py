@@ -50,6 +50,7 @@ from loracraft.train.data.sources import (
     read_source,
     rel,
     training_view,
+    with_affixes,
 )
 
 __all__ = [
@@ -323,27 +324,36 @@ def _mode_problem(mode: str, info: dict) -> list[tuple[str, str, str]]:
 
 
 # ----------------------------------------------------------------------------- captions
-def _token_findings(entries: list[Item], tokenizer) -> list[Finding]:
+def _token_findings(
+    entries: list[Item], tokenizer, prefix: str = "", suffix: str = "", max_token_length: int = 75
+) -> list[Finding]:
+    """Captions the text encoder would cut, counted as training tokenizes them: with
+    ``data.caption_prefix``/``caption_suffix`` joined on, against ``data.max_token_length``."""
     with_text = [e for e in entries if e.caption and e.caption.strip()]
     if not with_text:
         return []
     limit = int(tokenizer.model_max_length)
     if limit > 100_000:  # unset in the tokenizer config: CLIP text encoders have 77 positions
         limit = 77
-    ids = tokenizer([e.caption for e in with_text], truncation=False, verbose=False)["input_ids"]
+    if max_token_length > limit - 2:  # 75-token windows (A1111/kohya): N content tokens + BOS/EOS
+        limit = max_token_length + 2
+    captions = [with_affixes(e.caption, prefix, suffix) for e in with_text]
+    ids = tokenizer(captions, truncation=False, verbose=False)["input_ids"]
+    longer = "" if max_token_length >= 225 else " or set data.max_token_length (150, 225)"
     found = []
     for entry, toks in zip(with_text, ids, strict=True):
         if len(toks) <= limit:
             continue
         cut = len(toks) - limit
         lost = tokenizer.decode(toks[limit - 1 : -1], skip_special_tokens=True)
+        affixed = " with caption_prefix/suffix" if prefix or suffix else ""
         found.append(
             Finding(
                 entry.key,
                 "caption-too-long",
-                f"caption is {len(toks)} tokens, over the text encoder's limit of {limit}: the last {cut} "
+                f"caption{affixed} is {len(toks)} tokens, over the limit of {limit}: the last {cut} "
                 f"are cut in training ({one_line(lost, 40)!r})",
-                "shorten the caption (put what matters first)",
+                f"shorten the caption (put what matters first){longer}",
             )
         )
     return found
@@ -379,6 +389,9 @@ def check_dataset(
     allow_outside_links: bool = False,
     setting: str = "data.path",
     masks: str | None = None,
+    caption_prefix: str = "",
+    caption_suffix: str = "",
+    max_token_length: int = 75,
 ) -> CheckReport:
     """Check a dataset in any layout training reads; never modifies it.
 
@@ -394,6 +407,8 @@ def check_dataset(
             them as errors (``data.allow_outside_links``).
         setting: the config key ``path`` came from, as a dataset that cannot be opened names it.
         masks: ``data.masks`` (``alpha`` or a mask folder): report images without their mask / alpha.
+        caption_prefix, caption_suffix, max_token_length: the ``data.*`` settings, so captions are
+            counted as training tokenizes them.
 
     Returns:
         The report; ``report.trainable`` is False when there is any error.
@@ -410,7 +425,7 @@ def check_dataset(
     if source.files:
         findings += _case_collisions(Path(source.root), source.files)
     if tokenizer is not None:
-        findings += _token_findings(source.items, tokenizer)
+        findings += _token_findings(source.items, tokenizer, caption_prefix, caption_suffix, max_token_length)
     else:
         report.notes.append("caption token lengths not checked: give --base MODEL to count tokens")
     if resolution is None:

@@ -91,9 +91,11 @@ def check_concepts(
     progress: bool = True,
     allow_outside_links: bool = False,
     resolution: int | None | bool = True,
+    max_token_length: int = 75,
 ) -> list:
     """One ``check-data`` report per concept, each read with the concept's own columns and
-    compared to its own resolution (``resolution``: True = each concept's, else that value)."""
+    compared to its own resolution (``resolution``: True = each concept's, else that value);
+    captions are counted with the concept's prefix/suffix."""
     from loracraft.train.data.check import check_dataset
 
     return [
@@ -106,6 +108,9 @@ def check_concepts(
             progress=progress,
             allow_outside_links=allow_outside_links,
             setting=c.path_key,
+            caption_prefix=c.caption_prefix or "",
+            caption_suffix=c.caption_suffix or "",
+            max_token_length=max_token_length,
         )
         for c in concepts
     ]
@@ -184,7 +189,7 @@ def check_concepts_for_training(
     """``data.concepts`` checked like ``loracraft check-data`` before any weights load: every
     concept's errors together (``data.on_error``), its skipped images and warnings reported by path."""
     concepts = resolve_concepts(d)
-    reports = check_concepts(concepts, tokenizer, progress, d.allow_outside_links)
+    reports = check_concepts(concepts, tokenizer, progress, d.allow_outside_links, max_token_length=d.max_token_length)
     images, skipped = checked_concept_images(reports, concepts, d.on_error)
     if skipped:
         files = sorted({str(Path(c.path) / f.shown_file) for c, f in skipped})

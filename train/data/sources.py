@@ -91,6 +91,11 @@ class Source:
 
 
 # ----------------------------------------------------------------------------- shared rules
+def with_affixes(caption: str, prefix: str = "", suffix: str = "") -> str:
+    """kohya's ``caption_prefix`` / ``caption_suffix``: joined to the caption with a space."""
+    return " ".join(part for part in (prefix, caption, suffix) if part)
+
+
 def is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS
 

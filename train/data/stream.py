@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from loracraft.train.data.sources import CaptionedImages
+from loracraft.train.data.sources import CaptionedImages, with_affixes
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -195,11 +195,6 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> float tensor CHW in [-1, 1] (the range the SD VAE was trained on)."""
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def with_affixes(caption: str, prefix: str = "", suffix: str = "") -> str:
-    """kohya's ``caption_prefix`` / ``caption_suffix``: joined to the caption with a space."""
-    return " ".join(part for part in (prefix, caption, suffix) if part)
 
 
 def prepare_caption(
