@@ -104,7 +104,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_config_diff_lists_changed_keys():
     a = build_config(BASE).training_relevant()
     b = build_config(BASE, ["train.lr=0.5", "output.dir=elsewhere"]).training_relevant()
-    assert config_diff(a, b) == ["train.lr: 0.0001 -> 0.5"]
+    assert config_diff(a, b) == ["train.lr: 0.001 -> 0.5"]
 
 
 def test_every_shipped_recipe_validates():
