@@ -131,3 +131,26 @@ def make_trainer():
         return trainer
 
     return make
+
+
+@pytest.fixture(scope="session")
+def resume_split(make_trainer):
+    """``resume_split(base, data, root, **over)`` -> (straight, resumed) trainers for exact-resume tests:
+    ``over``'s max_steps in one run, and the same run stopped at half (its checkpoint there) and
+    resumed from that checkpoint. Both have trained; neither is cleaned up."""
+
+    def run(base, data, root, **over):
+        steps = int(over["train.max_steps"])
+        half = steps // 2
+        straight = make_trainer(base, data, root / "straight", **over)
+        straight.train()
+        make_trainer(base, data, root / "resumed", **{**over, "train.max_steps": half, "checkpoint.every": half}).train()
+        resumed = make_trainer(base, data, root / "resumed", **{
+            **over, "checkpoint.allow_config_change": "true",
+            "checkpoint.resume": str(root / "resumed" / "checkpoints" / f"step-{half:06d}"),
+        })
+        assert resumed.step == half
+        resumed.train()
+        return straight, resumed
+
+    return run

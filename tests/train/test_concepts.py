@@ -256,7 +256,7 @@ def test_the_fingerprint_sees_every_concept(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training
-def test_two_concept_run_resumes_exactly(tiny_sd, tmp_path, make_trainer):
+def test_two_concept_run_resumes_exactly(tiny_sd, tmp_path, make_trainer, resume_split):
     """A two-concept run at two resolutions (one size per batch), resumed from its step-2 checkpoint,
     ends with the bits of the uninterrupted run; run.json and the adapter name what they should."""
     from safetensors import safe_open
@@ -268,26 +268,8 @@ def test_two_concept_run_resumes_exactly(tiny_sd, tmp_path, make_trainer):
         f"{{path: {b}, resolution: 48, random_flip: true, caption_dropout: 0.3}}]"
     )
     over = {"data.path": "null", "data.concepts": concepts, "train.max_steps": 4, "lora.dropout": 0.1}
-    straight = make_trainer(tiny_sd, a, tmp_path / "straight", **over)
+    straight, resumed = resume_split(tiny_sd, a, tmp_path, **over)
     assert {straight.planner.plan(p).target for p in range(16)} == {(32, 32), (48, 48)}
-    straight.train()
-    first = make_trainer(
-        tiny_sd, a, tmp_path / "resumed", **{**over, "train.max_steps": 2, "checkpoint.every": 2}
-    )
-    first.train()
-    first.cleanup()
-    resumed = make_trainer(
-        tiny_sd,
-        a,
-        tmp_path / "resumed",
-        **{
-            **over,
-            "checkpoint.allow_config_change": "true",
-            "checkpoint.resume": str(tmp_path / "resumed/checkpoints/step-000002"),
-        },
-    )
-    assert resumed.step == 2
-    resumed.train()
     for n in straight.trainables:
         assert torch.equal(straight.trainables[n], resumed.trainables[n]), n
     adapter = straight.cleanup()

@@ -240,7 +240,7 @@ def test_config_keys_are_checked_and_documented():
 
 
 # ----------------------------------------------------------------------------- training
-def test_training_with_masks_cache_black_masks_and_exact_resume(tiny_sd, tmp_path, make_trainer):
+def test_training_with_masks_cache_black_masks_and_exact_resume(tiny_sd, tmp_path, make_trainer, resume_split):
     """Cached and uncached batches give the same masked loss; all-black masks leave nothing to learn;
     4 steps straight == 2 steps + resume + 2 with random crops, flips and masks."""
     out = _striped(tmp_path / "set", n=4)
@@ -268,22 +268,7 @@ def test_training_with_masks_cache_black_masks_and_exact_resume(tiny_sd, tmp_pat
         "checkpoint.every": 2,
         "train.snr_gamma": 5,
     }
-    a = make_trainer(tiny_sd, data, tmp_path / "a", **over)
-    a.train()
-    b = make_trainer(tiny_sd, data, tmp_path / "b", **{**over, "train.max_steps": 2})
-    b.train()
-    c = make_trainer(
-        tiny_sd,
-        data,
-        tmp_path / "b",
-        **{
-            **over,
-            "checkpoint.allow_config_change": "true",
-            "checkpoint.resume": str(tmp_path / "b/checkpoints/step-000002"),
-        },
-    )
-    assert c.step == 2
-    c.train()
+    a, c = resume_split(tiny_sd, data, tmp_path, **over)
     assert any(p.abs().max() > 0 for n, p in a.trainables.items() if "lora_B" in n)
     for n, p in a.trainables.items():
         assert torch.equal(p, c.trainables[n]), n

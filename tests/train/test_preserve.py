@@ -121,20 +121,11 @@ def test_training_with_a_trigger_in_no_caption_stops_before_loading_weights(
 
 
 def test_preserved_training_resumes_exactly(
-        tiny_sd, half_styled, tmp_path, make_trainer):
+        tiny_sd, half_styled, tmp_path, resume_split):
     """4 steps straight == 2 steps + resume + 2; and it trains (the adapter moves)."""
     over = {"preserve.trigger": TRIGGER, "preserve.weight": 10, "train.batch_size": 4,
             "train.max_steps": 4, "checkpoint.every": 2}
-    a = make_trainer(tiny_sd, half_styled, tmp_path / "a", **over)
-    a.train()
-    b = make_trainer(tiny_sd, half_styled, tmp_path / "b", **{**over, "train.max_steps": 2})
-    b.train()
-    c = make_trainer(tiny_sd, half_styled, tmp_path / "b", **{
-        **over, "checkpoint.allow_config_change": "true",
-        "checkpoint.resume": str(tmp_path / "b/checkpoints/step-000002"),
-    })
-    assert c.step == 2
-    c.train()
+    a, c = resume_split(tiny_sd, half_styled, tmp_path, **over)
     assert any(p.abs().max() > 0 for n, p in a.trainables.items() if "lora_B" in n)
     for n, p in a.trainables.items():
         assert torch.equal(p, c.trainables[n]), n
