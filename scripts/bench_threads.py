@@ -1,4 +1,4 @@
-"""``train.threads=auto`` vs fixed threads, idle and beside competing CPU load, in one run.
+"""Thread policies (OpenMP passive vs spinning waits, ``train.threads=auto``), idle and beside competing CPU load, in one run.
 
     python scripts/bench_threads.py [--model sd15-small|tiny] [--steps 30] [--threads 2] [--load 2] [--json FILE]
 
@@ -20,10 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     b = from_args(ThreadsBench, a)
     with work_root(a.work_dir, "loracraft-bench-threads-") as root:
         r = measure(b, root, log=lambda m: print(m, file=sys.stderr, flush=True))
+    auto = f"; train.threads=auto (spinning) {r['auto_loaded_over_idle']:.2f}" if r["auto_loaded_over_idle"] else ""
     print(
         f"{b.model}, {b.threads} threads, {b.load} busy process(es): loaded/idle s/step = "
-        f"{r['fixed_loaded_over_idle']:.2f} fixed, {r['auto_loaded_over_idle']:.2f} auto; "
-        f"auto/fixed idle = {r['auto_idle_over_fixed_idle']:.2f}"
+        f"{r['passive_loaded_over_idle']:.2f} with the default (OMP_WAIT_POLICY=PASSIVE), "
+        f"{r['spinning_loaded_over_idle']:.2f} spinning (before){auto}; idle passive/spinning s/step = "
+        f"{r['passive_idle_over_spinning_idle']:.2f}"
     )
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2))

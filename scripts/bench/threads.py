@@ -1,6 +1,10 @@
-"""``train.threads``: step speed on an idle machine and beside competing CPU load, in one run.
+"""Thread policies: step speed on an idle machine and beside competing CPU load, in one run.
 
-One ``LoraTrainer`` (real setup, cache on) runs ``steps`` optimizer steps in each of four
+Two OpenMP wait policies, each in its own process (the policy is read when torch loads):
+``spinning`` (``OMP_WAIT_POLICY`` unset: PyTorch's threads spin while they wait, loracraft's
+behaviour before it set the policy) and ``passive`` (``OMP_WAIT_POLICY=PASSIVE``, what the
+``loracraft`` command sets unless the user set a value). In each process
+one ``LoraTrainer`` (real setup, cache on) runs ``steps`` optimizer steps in each of four
 phases, in this order: fixed threads idle, auto idle, fixed loaded, auto loaded. "Fixed" is
 the behaviour without ``train.threads`` (PyTorch's count, here ``threads``); "auto" is
 ``train.threads=auto``'s policy object, created once and carried from the idle phases into the
@@ -35,6 +39,7 @@ class ThreadsBench:
     threads: int = 2
     load: int = 2
     load_limit_s: float = 900.0
+    auto: bool = True  # also time train.threads=auto (in the spinning process)
 
 
 @contextlib.contextmanager
@@ -75,20 +80,22 @@ def _phase(trainer, policy, steps: int) -> dict:
     }
 
 
-def measure(b: ThreadsBench, root: Path, log=print) -> dict:
+def measure_here(b: ThreadsBench, root: Path, log=print) -> dict:
+    """The phases in this process, under whatever wait policy it started with."""
     from loracraft.train.threads import AdaptiveThreads, FixedThreads
 
     spec = prepare(CliBench(model=b.model, threads=b.threads), root)
     torch.set_num_threads(b.threads)
-    trainer = _trainer(spec, Path(spec.work_dir) / "threads-run")
+    trainer = _trainer(spec, Path(spec.work_dir) / f"threads-run-{os.getpid()}")
     fixed = FixedThreads(b.threads)
     auto = AdaptiveThreads(b.threads, log=lambda m: log(f"  auto: {m}"))
+    policies = (("fixed", fixed), ("auto", auto)) if b.auto else (("fixed", fixed),)
     for _ in range(3):  # warm-up at the fixed count
         fixed.timed(trainer.optimizer_step)
     phases = {}
     for loaded in (False, True):
         with busy_cores(b.load, b.load_limit_s) if loaded else contextlib.nullcontext():
-            for name, policy in (("fixed", fixed), ("auto", auto)):
+            for name, policy in policies:
                 torch.set_num_threads(b.threads if name == "fixed" else auto.threads)  # where each left off
                 key = f"{name}_{'loaded' if loaded else 'idle'}"
                 phases[key] = _phase(trainer, policy, b.steps)
@@ -97,12 +104,46 @@ def measure(b: ThreadsBench, root: Path, log=print) -> dict:
                     f"(load {phases[key]['load1_before']:.1f} before)"
                 )
     s = {k: v["s_per_step"] for k, v in phases.items()}
+    out = {"bench": b.__dict__, "phases": phases, "fixed_loaded_over_idle": s["fixed_loaded"] / s["fixed_idle"]}
+    if b.auto:
+        out["auto_loaded_over_idle"] = s["auto_loaded"] / s["auto_idle"]
+        out["auto_idle_over_fixed_idle"] = s["auto_idle"] / s["fixed_idle"]
+    return out
+
+
+#: wait policy name -> OMP_WAIT_POLICY (None: unset)
+WAIT_POLICIES = {"spinning": None, "passive": "PASSIVE"}
+
+
+def measure(b: ThreadsBench, root: Path, log=print) -> dict:
+    """Each wait policy in its own process (auto timed under spinning only); the headline ratios."""
+    import json
+
+    results = {}
+    for name, value in WAIT_POLICIES.items():
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        env["OMP_NUM_THREADS"] = str(b.threads)
+        if value:
+            env["OMP_WAIT_POLICY"] = value
+        child = replace(b, auto=b.auto and name == "spinning")
+        code = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom pathlib import Path\n"
+                "from bench.threads import ThreadsBench, measure_here\n"
+                "r = measure_here(ThreadsBench(**json.loads(sys.argv[2])), Path(sys.argv[3]), "
+                "log=lambda m: print(m, file=sys.stderr, flush=True))\nprint(json.dumps(r))\n")
+        log(f"[{b.model}] wait policy {name} (OMP_WAIT_POLICY={value or 'unset'})")
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), json.dumps(child.__dict__), str(root)],
+            env=env, stdout=subprocess.PIPE, text=True, check=True,
+        )
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    spin, passive = (results[n]["phases"] for n in ("spinning", "passive"))
     return {
         "bench": b.__dict__,
-        "phases": phases,
-        "fixed_loaded_over_idle": s["fixed_loaded"] / s["fixed_idle"],
-        "auto_loaded_over_idle": s["auto_loaded"] / s["auto_idle"],
-        "auto_idle_over_fixed_idle": s["auto_idle"] / s["fixed_idle"],
+        "policies": results,
+        "passive_loaded_over_idle": results["passive"]["fixed_loaded_over_idle"],
+        "spinning_loaded_over_idle": results["spinning"]["fixed_loaded_over_idle"],
+        "passive_idle_over_spinning_idle": passive["fixed_idle"]["s_per_step"] / spin["fixed_idle"]["s_per_step"],
+        "auto_loaded_over_idle": results["spinning"].get("auto_loaded_over_idle"),
     }
 
 

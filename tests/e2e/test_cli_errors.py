@@ -154,3 +154,17 @@ def test_config_errors_and_help_import_no_ml_library(argv, recipe, tmp_path):
     )
     last = proc.stdout.strip().splitlines()[-1]
     assert last.endswith(" []"), (last, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_the_command_makes_openmp_threads_wait_passively_unless_the_user_chose(preset, recipe, run, monkeypatch):
+    """Spinning OpenMP threads made a 2-thread step 5-18x slower beside other work; the entry
+    point sets OMP_WAIT_POLICY=PASSIVE before torch can load, and keeps a value the user set."""
+    import os
+
+    if preset is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    run("train", recipe(GOOD), "bad.key=1")
+    assert os.environ["OMP_WAIT_POLICY"] == (preset or "PASSIVE")

@@ -199,7 +199,7 @@ def test_threads_bench_phases(tmp_path):
     from bench import threads
 
     # 1 thread: the mechanics only (a 2-thread step beside a busy loop can take seconds on a shared machine)
-    r = threads.measure(threads.quick(steps=2, threads=1, load_limit_s=60.0), tmp_path, log=lambda _m: None)
+    r = threads.measure_here(threads.quick(steps=2, threads=1, load_limit_s=60.0), tmp_path, log=lambda _m: None)
     assert list(r["phases"]) == ["fixed_idle", "auto_idle", "fixed_loaded", "auto_loaded"]
     s = {k: v["s_per_step"] for k, v in r["phases"].items()}
     assert all(v > 0 for v in s.values())
