@@ -20,13 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     b = from_args(ThreadsBench, a)
     with work_root(a.work_dir, "loracraft-bench-threads-") as root:
         r = measure(b, root, log=lambda m: print(m, file=sys.stderr, flush=True))
+    ratios = ", ".join(f"{n} {v:.2f}" for n, v in r["loaded_over_idle"].items())
+    idle = ", ".join(f"{n} {v:.2f}" for n, v in r["idle_over_spinning_idle"].items())
     auto = f"; train.threads=auto (spinning) {r['auto_loaded_over_idle']:.2f}" if r["auto_loaded_over_idle"] else ""
-    print(
-        f"{b.model}, {b.threads} threads, {b.load} busy process(es): loaded/idle s/step = "
-        f"{r['passive_loaded_over_idle']:.2f} with the default (OMP_WAIT_POLICY=PASSIVE), "
-        f"{r['spinning_loaded_over_idle']:.2f} spinning (before){auto}; idle passive/spinning s/step = "
-        f"{r['passive_idle_over_spinning_idle']:.2f}"
-    )
+    print(f"{b.model}, {b.threads} threads, {b.load} busy process(es): loaded/idle s/step: {ratios}{auto}"
+          + (f"; idle s/step over spinning's: {idle}" if idle else ""))
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2))
     return 0

@@ -12,16 +12,18 @@ import warnings
 from loracraft.infer.errors import LoracraftError, UsageError
 
 
-def _passive_waiting() -> None:
-    """OpenMP threads that sleep instead of spinning when they wait for each other.
+def _short_spin_waits() -> None:
+    """OpenMP threads that spin only briefly before they sleep while waiting for each other.
 
-    PyTorch's CPU threads spin while they wait; on a machine whose cores are busy with other
-    work the spinning threads steal the time slices the working ones need, and a 2-thread step
-    got 5-18x slower. ``OMP_WAIT_POLICY=PASSIVE`` keeps the thread count (so results stay bit
-    for bit what they were) and measured as fast as one thread under load
-    (``scripts/bench_threads.py``). It must be set before torch loads its OpenMP runtime, which
-    is why the entry point does it; a value the user set is kept."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    PyTorch's CPU threads (libgomp) spin ~300 000 rounds, a few milliseconds, at every wait; on
+    a machine whose cores are busy with other work the spinning threads steal the time slices the
+    working ones need, and a 2-thread step got 5-18x slower. Not spinning at all
+    (``OMP_WAIT_POLICY=PASSIVE``) cost 12 % on an idle machine. ``GOMP_SPINCOUNT=30000`` spins a
+    tenth as long (``scripts/bench_threads.py``, ``bench_cli.py``). The thread count stays, so
+    results stay bit for bit what they were. It must be set before torch loads its OpenMP runtime,
+    which is why the entry point does it; a value the user set (or ``OMP_WAIT_POLICY``) is kept."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 
 def _quiet_libraries() -> None:
@@ -100,7 +102,7 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _passive_waiting()
+    _short_spin_waits()
     _quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_of(argv))

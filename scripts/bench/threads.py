@@ -40,6 +40,7 @@ class ThreadsBench:
     load: int = 2
     load_limit_s: float = 900.0
     auto: bool = True  # also time train.threads=auto (in the spinning process)
+    policies: str = "spinning,passive,short-spin"  # which of WAIT_POLICIES, comma-separated
 
 
 @contextlib.contextmanager
@@ -111,8 +112,10 @@ def measure_here(b: ThreadsBench, root: Path, log=print) -> dict:
     return out
 
 
-#: wait policy name -> OMP_WAIT_POLICY (None: unset)
-WAIT_POLICIES = {"spinning": None, "passive": "PASSIVE"}
+#: wait policy name -> the OpenMP environment of its process (libgomp, PyTorch's Linux runtime):
+#: spinning = unset (threads spin ~300 000 rounds, a few ms, before they sleep), passive = no spin,
+#: short-spin = 30 000 rounds (what the ``loracraft`` command sets unless the user chose).
+WAIT_POLICIES = {"spinning": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "short-spin": {"GOMP_SPINCOUNT": "30000"}}
 
 
 def measure(b: ThreadsBench, root: Path, log=print) -> dict:
@@ -120,30 +123,28 @@ def measure(b: ThreadsBench, root: Path, log=print) -> dict:
     import json
 
     results = {}
-    for name, value in WAIT_POLICIES.items():
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        env["OMP_NUM_THREADS"] = str(b.threads)
-        if value:
-            env["OMP_WAIT_POLICY"] = value
+    for name in b.policies.split(","):
+        value = WAIT_POLICIES[name]
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env.update(value, OMP_NUM_THREADS=str(b.threads))
         child = replace(b, auto=b.auto and name == "spinning")
         code = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom pathlib import Path\n"
                 "from bench.threads import ThreadsBench, measure_here\n"
                 "r = measure_here(ThreadsBench(**json.loads(sys.argv[2])), Path(sys.argv[3]), "
                 "log=lambda m: print(m, file=sys.stderr, flush=True))\nprint(json.dumps(r))\n")
-        log(f"[{b.model}] wait policy {name} (OMP_WAIT_POLICY={value or 'unset'})")
+        log(f"[{b.model}] wait policy {name} ({value or 'OpenMP defaults'})")
         done = subprocess.run(
             [sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), json.dumps(child.__dict__), str(root)],
             env=env, stdout=subprocess.PIPE, text=True, check=True,
         )
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    spin, passive = (results[n]["phases"] for n in ("spinning", "passive"))
+    idle = {n: r["phases"]["fixed_idle"]["s_per_step"] for n, r in results.items()}
     return {
         "bench": b.__dict__,
         "policies": results,
-        "passive_loaded_over_idle": results["passive"]["fixed_loaded_over_idle"],
-        "spinning_loaded_over_idle": results["spinning"]["fixed_loaded_over_idle"],
-        "passive_idle_over_spinning_idle": passive["fixed_idle"]["s_per_step"] / spin["fixed_idle"]["s_per_step"],
-        "auto_loaded_over_idle": results["spinning"].get("auto_loaded_over_idle"),
+        "loaded_over_idle": {n: r["fixed_loaded_over_idle"] for n, r in results.items()},
+        "idle_over_spinning_idle": {n: v / idle["spinning"] for n, v in idle.items()} if "spinning" in idle else {},
+        "auto_loaded_over_idle": results.get("spinning", {}).get("auto_loaded_over_idle"),
     }
 
 

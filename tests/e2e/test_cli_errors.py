@@ -156,15 +156,16 @@ def test_config_errors_and_help_import_no_ml_library(argv, recipe, tmp_path):
     assert last.endswith(" []"), (last, proc.stderr[-2000:])
 
 
-@pytest.mark.parametrize("preset", [None, "ACTIVE"])
-def test_the_command_makes_openmp_threads_wait_passively_unless_the_user_chose(preset, recipe, run, monkeypatch):
+@pytest.mark.parametrize("preset", [{}, {"GOMP_SPINCOUNT": "5"}, {"OMP_WAIT_POLICY": "PASSIVE"}])
+def test_the_command_shortens_openmp_spinning_unless_the_user_chose(preset, recipe, run, monkeypatch):
     """Spinning OpenMP threads made a 2-thread step 5-18x slower beside other work; the entry
-    point sets OMP_WAIT_POLICY=PASSIVE before torch can load, and keeps a value the user set."""
+    point sets GOMP_SPINCOUNT=30000 before torch can load, and keeps what the user set."""
     import os
 
-    if preset is None:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in preset.items():
+        monkeypatch.setenv(key, value)
     run("train", recipe(GOOD), "bad.key=1")
-    assert os.environ["OMP_WAIT_POLICY"] == (preset or "PASSIVE")
+    expected = preset.get("GOMP_SPINCOUNT", "30000" if not preset else None)
+    assert os.environ.get("GOMP_SPINCOUNT") == expected
