@@ -239,15 +239,27 @@ def _verify_injected(pipe, adapter: LoraAdapter, mapping, name: str) -> None:
                 )
 
 
-def _remove_adapter(pipe, name: str) -> None:
+def _delete_layers(pipe, name: str) -> None:
+    """Delete adapter ``name`` from every PEFT layer and config of every LoRA component; other
+    adapters stay, including ones loracraft did not load (a trainer's own)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for component in _LORA_COMPONENTS:
         model = getattr(pipe, component, None)
-        if name in (getattr(model, "peft_config", None) or {}):
-            try:
-                pipe.delete_adapters(name)
-            except Exception:  # noqa: BLE001 - best-effort cleanup after a failed load
-                pass
-            return
+        if model is None:
+            continue
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer) and name in getattr(layer, "lora_A", {}):
+                layer.delete_adapter(name)
+        (getattr(model, "peft_config", None) or {}).pop(name, None)
+
+
+def _remove_adapter(pipe, name: str) -> None:
+    """Best-effort cleanup after a failed load: whatever of ``name`` was injected goes."""
+    try:
+        _delete_layers(pipe, name)
+    except Exception:  # noqa: BLE001 - the load's own error is the one to report
+        pass
 
 
 def load_adapter(
@@ -507,20 +519,11 @@ def unfuse(pipe) -> None:
 def remove_adapter(pipe, name: str) -> None:
     """Take one adapter out of the pipeline (unfusing first); every other adapter stays as it was,
     including ones loracraft did not load (a trainer's own adapter in the models it is training)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     if name not in _registry(pipe):
         raise UsageError(f"unknown adapter {name!r}, remove_adapter, loaded: {', '.join(_registry(pipe)) or 'none'}")
     unfuse(pipe)
     del _registry(pipe)[name]
-    for component in _LORA_COMPONENTS:
-        model = getattr(pipe, component, None)
-        if model is None:
-            continue
-        for layer in model.modules():
-            if isinstance(layer, BaseTunerLayer) and name in getattr(layer, "lora_A", {}):
-                layer.delete_adapter(name)
-        (getattr(model, "peft_config", None) or {}).pop(name, None)
+    _delete_layers(pipe, name)
 
 
 def unload(pipe) -> None:

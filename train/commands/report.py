@@ -175,8 +175,10 @@ def _sweep_prompts(manifest: dict) -> list[str]:
     from loracraft.train.data import load_captioned_images
 
     d = manifest["config"]["data"]
-    first = d.get("path") or d["concepts"][0]["path"]  # data.concepts only: the first concept's captions
-    images = load_captioned_images(first, d["image_column"], d["caption_column"])
+    # data.concepts only: the first concept's captions, read with its own columns
+    first = {"path": d["path"]} if d.get("path") else d["concepts"][0]
+    images = load_captioned_images(first["path"], first.get("image_column") or d["image_column"],
+                                   first.get("caption_column") or d["caption_column"])
     return [images.caption(i) for i in range(min(2, len(images)))]
 
 
