@@ -548,6 +548,9 @@ class Config(_Section):
         if self.dreambooth is not None and self.data.concepts:
             found.append(("dreambooth and data.concepts are both set (DreamBooth's instance images are the one "
                           "folder data.path)", "put the instance images in data.path and remove data.concepts"))
+        if self.data.masks and self.data.concepts:
+            found.append(("data.masks applies to data.path only, but data.concepts is set",
+                          "train the masked images as data.path alone or set data.masks=null"))
         if self.preserve is not None and self.dreambooth is not None:
             found.append(("preserve and dreambooth are both set (two regularisation schemes for one batch)",
                           "use dreambooth prior preservation or preserve, not both"))

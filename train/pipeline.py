@@ -40,11 +40,6 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
     from loracraft.train.data.masks import attach_masks
 
     d, t = cfg.data, cfg.train
-    if d.masks and d.concepts:
-        raise ConfigError(
-            "data.masks applies to data.path only, but data.concepts is set, config, train the masked images "
-            "as data.path alone or set data.masks=null"
-        )
     try:
         tokenizer = load_tokenizer(cfg.model.base, cfg.model.revision)
     except LoracraftError:

@@ -16,6 +16,7 @@ from PIL import Image
 from loracraft.infer.errors import ConfigError, DataError
 from loracraft.train.data import Planner, SampleStream, TrainingExamples, collate
 from loracraft.train.data.check import check_dataset, checked_images
+from loracraft.train.config import build_config
 from loracraft.train.data.masks import attach_masks
 from loracraft.train.loss import diffusion_loss, mask_weights, prior_preservation_loss
 
@@ -338,10 +339,9 @@ def test_each_rank_gets_the_masks_one_process_would(tmp_path):
         assert torch.equal(whole["positions"], torch.cat([p["positions"] for p in parts]))
 
 
-def test_masks_with_concepts_are_refused_before_weights_load(tiny_sd, tmp_path, make_trainer):
+def test_masks_with_concepts_are_refused_when_the_config_loads(tiny_sd, tmp_path):
     out = _striped(tmp_path / "set", n=2)
-    over = {"data.masks": "alpha", "data.concepts": f"[{{path: {out / 'data'}}}]"}
-    trainer = make_trainer(tiny_sd, out / "data", tmp_path / "r", setup=False, **over)
-    with pytest.raises(ConfigError, match="data.masks applies to data.path only"):
-        trainer.setup()
-    assert trainer.c is None
+    over = [f"model.base={tiny_sd}", "data.masks=alpha", f"data.concepts=[{{path: {out / 'data'}}}]"]
+    with pytest.raises(ConfigError, match="data.masks applies to data.path only") as e:
+        build_config({}, over)
+    assert "data.masks=null" in str(e.value)
