@@ -40,7 +40,7 @@ class ThreadsBench:
     load: int = 2
     load_limit_s: float = 900.0
     auto: bool = True  # also time train.threads=auto (in the spinning process)
-    policies: str = "spinning,passive,short-spin"  # which of WAIT_POLICIES, comma-separated
+    policies: str = "spinning,passive,short-spin"  # which of WAIT_POLICIES (or spin-N), comma-separated
 
 
 @contextlib.contextmanager
@@ -114,8 +114,18 @@ def measure_here(b: ThreadsBench, root: Path, log=print) -> dict:
 
 #: wait policy name -> the OpenMP environment of its process (libgomp, PyTorch's Linux runtime):
 #: spinning = unset (threads spin ~300 000 rounds, a few ms, before they sleep), passive = no spin,
-#: short-spin = 30 000 rounds (what the ``loracraft`` command sets unless the user chose).
+#: short-spin = 30 000 rounds (what the ``loracraft`` command sets unless the user chose);
+#: ``spin-N`` (e.g. spin-3000) = N rounds, to try other counts.
 WAIT_POLICIES = {"spinning": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "short-spin": {"GOMP_SPINCOUNT": "30000"}}
+
+
+def wait_policy_env(name: str) -> dict[str, str]:
+    """The OpenMP environment of a policy name (WAIT_POLICIES or ``spin-N``)."""
+    if name.startswith("spin-") and name[5:].isdigit():
+        return {"GOMP_SPINCOUNT": name[5:]}
+    if name not in WAIT_POLICIES:
+        raise SystemExit(f"--policies: unknown wait policy {name!r}, use {', '.join(WAIT_POLICIES)} or spin-N")
+    return WAIT_POLICIES[name]
 
 
 def measure(b: ThreadsBench, root: Path, log=print) -> dict:
@@ -124,7 +134,7 @@ def measure(b: ThreadsBench, root: Path, log=print) -> dict:
 
     results = {}
     for name in b.policies.split(","):
-        value = WAIT_POLICIES[name]
+        value = wait_policy_env(name)
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
         env.update(value, OMP_NUM_THREADS=str(b.threads))
         child = replace(b, auto=b.auto and name == "spinning")
