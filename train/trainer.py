@@ -46,7 +46,14 @@ from loracraft.train.loss import (
 )
 from loracraft.train.manifest import scrub
 from loracraft.train.optim import build_optimizer, optimizer_problems, param_groups
-from loracraft.train.preserve import adapters_disabled, preservation_weights, preserved_rows, select_rows
+from loracraft.train.preserve import (
+    adapters_disabled,
+    per_row_switch_possible,
+    predict_with_base,
+    preservation_weights,
+    preserved_rows,
+    select_rows,
+)
 from loracraft.train.resume import RunAlreadyComplete
 from loracraft.train.samples import generate_samples, sample_grid, sample_prompts
 from loracraft.train.threads import thread_policy
@@ -274,30 +281,35 @@ class LoraTrainer:
             latents = self._latents(batch, positions)
         text = self._text(batch)  # with grad: the text encoder may carry a LoRA (lora.text_encoder)
         noise, timesteps, noisy = noise_latents(c.noise_scheduler, latents, positions, t)  # train.* noise controls
-        pred = self.unet(noisy, timesteps, **self.conditioning.unet_kwargs(text, batch.get("size_cond"))).sample
+        kwargs = self.conditioning.unet_kwargs(text, batch.get("size_cond"))
         prediction_type = c.noise_scheduler.config.prediction_type
         target = training_target(c.noise_scheduler, latents, noise, timesteps, prediction_type)
         weights = loss_weights(c.noise_scheduler, timesteps, t, prediction_type)  # min-SNR, debiased estimation
-        if self.cfg.preserve is not None:
-            target, weights = self._preserve_base(batch, noisy, timesteps, target, weights)
+        rows = self._preserved_rows(batch)  # preserve: these rows learn the base's own prediction
+        if rows is None:
+            pred = self.unet(noisy, timesteps, **kwargs).sample
+        else:
+            pred, base = self._with_base_prediction(batch, rows, noisy, timesteps, kwargs)
+            target = target.clone()
+            target[rows.to(target.device)] = base.to(target.dtype)
+            weights = preservation_weights(rows, self.cfg.preserve.weight, weights)
         return self.loss_fn(pred, target, weights, **loss_options(c.noise_scheduler, timesteps, t),
                             **mask_options(batch, pred.shape[-2:], self.cfg.data.unmasked_weight))  # data.masks
 
-    def _preserve_base(self, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor,
-                       target: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows without the trigger learn the base's own prediction (adapters off), weighted (``preserve``)."""
+    def _preserved_rows(self, batch: dict) -> torch.Tensor | None:
         p = self.cfg.preserve
-        rows = preserved_rows(batch["captions"], p.trigger, p.empty_captions)
-        if not rows.any():
-            return target, weights
-        sub, on = select_rows(batch, rows), rows.to(noisy.device)
-        unwrap = self.accelerator.unwrap_model
-        with torch.no_grad(), adapters_disabled([unwrap(self.unet), *self._text_encoders_with_lora()]):
-            kwargs = self.conditioning.unet_kwargs(self._text(sub), sub.get("size_cond"))
-            base = unwrap(self.unet)(noisy[on], timesteps[on], **kwargs).sample
-        target = target.clone()
-        target[on] = base.to(target.dtype)
-        return target, preservation_weights(rows, p.weight, weights)
+        rows = preserved_rows(batch["captions"], p.trigger, p.empty_captions) if p is not None else None
+        return rows if rows is not None and rows.any() else None
+
+    def _with_base_prediction(self, batch: dict, rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
+                              kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's prediction for every row and the base's (adapters off) for ``rows``."""
+        sub, lo = select_rows(batch, rows), self.cfg.lora
+        with torch.no_grad(), adapters_disabled(self._text_encoders_with_lora()):
+            base_kwargs = self.conditioning.unet_kwargs(self._text(sub), sub.get("size_cond"))
+        per_row = per_row_switch_possible(lo.type, lo.use_dora, self.cfg.train.gradient_checkpointing)
+        return predict_with_base(self.unet, self.accelerator.unwrap_model(self.unet), noisy, timesteps,
+                                 kwargs, base_kwargs, rows, per_row)
 
     def _text_encoders_with_lora(self) -> list[torch.nn.Module]:
         unwrap = self.accelerator.unwrap_model

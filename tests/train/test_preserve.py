@@ -72,10 +72,13 @@ def _plain_diffusers_prediction(tiny_sd, captions, noisy, timesteps):
         return unet(noisy, timesteps, te(ids)[0]).sample
 
 
-@pytest.mark.parametrize("adapter", [{}, {"lora.text_encoder": "{rank: 4, alpha: 4}"}, {"lora.type": "loha"}],
-                         ids=["unet-lora", "with-text-encoder-lora", "loha"])
+@pytest.mark.parametrize("adapter", [{}, {"lora.text_encoder": "{rank: 4, alpha: 4}"}, {"lora.type": "loha"},
+                                     {"train.gradient_checkpointing": True}],
+                         ids=["unet-lora", "with-text-encoder-lora", "loha", "checkpointing"])
 def test_preserved_rows_target_the_base_prediction_with_every_adapter_off(
         tiny_sd, half_styled, tmp_path, make_trainer, adapter):
+    """unet-lora and text-encoder-lora take the one-pass path (adapters off per row), loha and
+    gradient checkpointing the second no-grad pass: both must give the base's own prediction."""
     over = {"preserve.trigger": TRIGGER, "preserve.weight": 4, "train.batch_size": 4, **adapter}
     trainer = make_trainer(tiny_sd, half_styled, tmp_path / "r", **over)
     torch.manual_seed(0)
@@ -86,20 +89,45 @@ def test_preserved_rows_target_the_base_prediction_with_every_adapter_off(
     rows = torch.tensor([TRIGGER not in c and c != "" for c in caps])
     assert 0 < int(rows.sum()) < len(caps)
     noisy, t = torch.randn(len(caps), 4, 16, 16), torch.randint(0, 1000, (len(caps),))
-    target = torch.zeros_like(noisy)
     unet = trainer.accelerator.unwrap_model(trainer.unet)
+    kwargs = trainer.conditioning.unet_kwargs(trainer._text(batch), None)
     with torch.no_grad():
-        lora_pred = unet(noisy, t, **trainer.conditioning.unet_kwargs(trainer._text(batch), None)).sample
-        new_target, weights = trainer._preserve_base(batch, noisy, t, target, None)
-        lora_pred_after = unet(noisy, t, **trainer.conditioning.unet_kwargs(trainer._text(batch), None)).sample
+        lora_pred = unet(noisy, t, **kwargs).sample
+        pred, base_pred = trainer._with_base_prediction(batch, rows, noisy, t, kwargs)
+        lora_pred_after = unet(noisy, t, **kwargs).sample
 
     base = _plain_diffusers_prediction(tiny_sd, [c for c, r in zip(caps, rows, strict=True) if r], noisy[rows], t[rows])
-    torch.testing.assert_close(new_target[rows], base, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(base_pred, base, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pred, lora_pred, rtol=1e-4, atol=1e-5)  # every row, preserved ones too
     assert (lora_pred[rows] - base).abs().max() > 1e-3  # the adapter was on, and it matters
-    assert torch.equal(new_target[~rows], target[~rows])  # other rows keep the noise target
-    assert weights.tolist() == [4.0 if r else 1.0 for r in rows]
-    assert torch.equal(lora_pred, lora_pred_after)  # adapters are back on afterwards
-    assert torch.equal(target, torch.zeros_like(noisy))  # the caller's target is not modified
+    assert torch.equal(lora_pred, lora_pred_after)  # adapters are back on afterwards (no hook left)
+
+
+def test_one_pass_and_two_pass_preservation_give_the_same_gradients(
+        tiny_sd, half_styled, tmp_path, make_trainer, monkeypatch):
+    """The preserved rows riding along in the training pass (detached) change no gradient: the
+    LoRA gradients equal those of a separate no-grad base pass."""
+    import loracraft.train.trainer as trainer_module
+
+    trainer = make_trainer(tiny_sd, half_styled, tmp_path / "r",
+                           **{"preserve.trigger": TRIGGER, "preserve.weight": 4, "train.batch_size": 4})
+    torch.manual_seed(0)
+    for p in trainer.trainables.values():
+        torch.nn.init.normal_(p, std=0.2)
+    batch = next(trainer.batches)
+    grads, losses = [], []
+    for one_pass in (True, False):
+        monkeypatch.setattr(trainer_module, "per_row_switch_possible", lambda *a, one_pass=one_pass: one_pass)
+        loss = trainer.compute_loss(batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in trainer.trainables.items()})
+        for p in trainer.trainables.values():
+            p.grad = None
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert any(g.abs().max() > 0 for g in grads[0].values())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7)
 
 
 def test_a_fresh_adapter_has_zero_loss_on_preserved_rows(tiny_sd, half_styled, tmp_path, make_trainer):
@@ -148,10 +176,11 @@ def test_sdxl_preserved_rows_keep_their_own_text_and_size_conditioning(tiny_sdxl
     kwargs = trainer.conditioning.unet_kwargs(trainer._text(batch), batch["size_cond"])
     assert "added_cond_kwargs" in kwargs
     with torch.no_grad():
-        target, _ = trainer._preserve_base(batch, noisy, t, torch.zeros_like(noisy), None)
+        pred, base = trainer._with_base_prediction(batch, rows, noisy, t, kwargs)
         unet.disable_adapters()
         whole = unet(noisy, t, **kwargs).sample
         unet.enable_adapters()
         lora = unet(noisy, t, **kwargs).sample
-    torch.testing.assert_close(target[rows], whole[rows], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(base, whole[rows], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pred, lora, rtol=1e-4, atol=1e-5)
     assert (lora[rows] - whole[rows]).abs().max() > 1e-3
