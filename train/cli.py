@@ -17,13 +17,14 @@ def _short_spin_waits() -> None:
 
     PyTorch's CPU threads (libgomp) spin ~300 000 rounds, a few milliseconds, at every wait; on
     a machine whose cores are busy with other work the spinning threads steal the time slices the
-    working ones need, and a 2-thread step got 5-18x slower. Not spinning at all
-    (``OMP_WAIT_POLICY=PASSIVE``) cost 12 % on an idle machine. ``GOMP_SPINCOUNT=30000`` spins a
-    tenth as long (``scripts/bench_threads.py``, ``bench_cli.py``). The thread count stays, so
-    results stay bit for bit what they were. It must be set before torch loads its OpenMP runtime,
-    which is why the entry point does it; a value the user set (or ``OMP_WAIT_POLICY``) is kept."""
+    working ones need, and a 2-thread step got 5-30x slower. Not spinning at all
+    (``OMP_WAIT_POLICY=PASSIVE``) cost 12-35 % on an idle machine. 30 000 rounds still made a step
+    10x slower beside one busy process; 1 000 rounds cost nothing idle and stayed within 2x beside
+    one (``scripts/bench_threads.py``; figures in the README). The thread count stays, so results
+    stay bit for bit what they were. It must be set before torch loads its OpenMP runtime, which is
+    why the entry point does it; a value the user set (or ``OMP_WAIT_POLICY``) is kept."""
     if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def _quiet_libraries() -> None:

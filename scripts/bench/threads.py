@@ -114,9 +114,9 @@ def measure_here(b: ThreadsBench, root: Path, log=print) -> dict:
 
 #: wait policy name -> the OpenMP environment of its process (libgomp, PyTorch's Linux runtime):
 #: spinning = unset (threads spin ~300 000 rounds, a few ms, before they sleep), passive = no spin,
-#: short-spin = 30 000 rounds (what the ``loracraft`` command sets unless the user chose);
-#: ``spin-N`` (e.g. spin-3000) = N rounds, to try other counts.
-WAIT_POLICIES = {"spinning": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "short-spin": {"GOMP_SPINCOUNT": "30000"}}
+#: short-spin = 1 000 rounds (what the ``loracraft`` command sets unless the user chose);
+#: ``spin-N`` (e.g. spin-30000, the previous default) = N rounds, to try other counts.
+WAIT_POLICIES = {"spinning": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "short-spin": {"GOMP_SPINCOUNT": "1000"}}
 
 
 def wait_policy_env(name: str) -> dict[str, str]:

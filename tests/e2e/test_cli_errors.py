@@ -159,7 +159,7 @@ def test_config_errors_and_help_import_no_ml_library(argv, recipe, tmp_path):
 @pytest.mark.parametrize("preset", [{}, {"GOMP_SPINCOUNT": "5"}, {"OMP_WAIT_POLICY": "PASSIVE"}])
 def test_the_command_shortens_openmp_spinning_unless_the_user_chose(preset, recipe, run, monkeypatch):
     """Spinning OpenMP threads made a 2-thread step 5-18x slower beside other work; the entry
-    point sets GOMP_SPINCOUNT=30000 before torch can load, and keeps what the user set."""
+    point sets GOMP_SPINCOUNT=1000 before torch can load, and keeps what the user set."""
     import os
 
     for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
@@ -167,5 +167,5 @@ def test_the_command_shortens_openmp_spinning_unless_the_user_chose(preset, reci
     for key, value in preset.items():
         monkeypatch.setenv(key, value)
     run("train", recipe(GOOD), "bad.key=1")
-    expected = preset.get("GOMP_SPINCOUNT", "30000" if not preset else None)
+    expected = preset.get("GOMP_SPINCOUNT", "1000" if not preset else None)
     assert os.environ.get("GOMP_SPINCOUNT") == expected
