@@ -35,7 +35,13 @@ from loracraft.train.validation import heldout_images
 def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
     """The dataset, checked like `loracraft check-data` before any weights load (data.on_error).
     Returns ``(images, held-out images or None, dataset fingerprint)``."""
-    from loracraft.train.data.check import check_dataset, checked_images, load_tokenizer, with_captions
+    from loracraft.train.data.check import (
+        check_dataset,
+        checked_images,
+        load_tokenizer,
+        print_check_summary,
+        with_captions,
+    )
     from loracraft.train.data.concepts import check_concepts_for_training, concepts_fingerprint
     from loracraft.train.data.masks import attach_masks
 
@@ -60,15 +66,8 @@ def check_data(cfg: Config, acc, dreambooth, print_: Callable[[str], None]):
     if attach_masks(images, d.masks).masks is not None:  # data.masks: the loss masks of the training images
         how = "their alpha channel" if images.masks.alpha else d.masks
         print_(f"loss masks: {len(images)} images masked by {how}; black pixels weigh {d.unmasked_weight:g}")
-    if skipped:
-        files = sorted({f.shown_file for f in skipped})
-        print_(
-            f"warning: skipped {len(files)} of {report.images} images with errors (data.on_error=skip): "
-            + ", ".join(files)
-        )
-    if report is not None and report.warnings:
-        counts = ", ".join(f"{n} {p}" for p, n in report.counts("warning").items())
-        print_(f"data check: {len(report.warnings)} warnings ({counts}); details: loracraft check-data {d.path}")
+    if report is not None:  # (concepts report their own, per concept)
+        print_check_summary(sorted({f.shown_file for f in skipped}), report.images, [(None, d.path, report)], print_)
     samples = sum(images.repeats())
     if t.batch_size * acc.num_processes > samples:
         per = f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""

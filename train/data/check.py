@@ -563,3 +563,18 @@ def checked_images(report: CheckReport, on_error: str) -> tuple[CaptionedImages,
         )
     skipped = [f for f in report.errors if f.file in skip]
     return training_view(report.source, kept), skipped
+
+
+
+def print_check_summary(skipped_files: list[str], total: int,
+                        sources: list[tuple[str | None, str, CheckReport]], print_: Callable[[str], None]) -> None:
+    """What training prints about its checked dataset: the images ``data.on_error=skip`` left out,
+    then per source ``(name or None, path, report)`` how many warnings ``loracraft check-data`` details."""
+    if skipped_files:
+        print_(f"warning: skipped {len(skipped_files)} of {total} images with errors (data.on_error=skip): "
+               + ", ".join(skipped_files))
+    for name, path, report in sources:
+        if report.warnings:
+            counts = ", ".join(f"{n} {p}" for p, n in report.counts("warning").items())
+            label = f" ({name})" if name else ""
+            print_(f"data check{label}: {len(report.warnings)} warnings ({counts}); details: loracraft check-data {path}")

@@ -188,23 +188,14 @@ def check_concepts_for_training(
 ) -> CaptionedImages:
     """``data.concepts`` checked like ``loracraft check-data`` before any weights load: every
     concept's errors together (``data.on_error``), its skipped images and warnings reported by path."""
+    from loracraft.train.data.check import print_check_summary
+
     concepts = resolve_concepts(d)
     reports = check_concepts(concepts, tokenizer, progress, d.allow_outside_links, max_token_length=d.max_token_length)
     images, skipped = checked_concept_images(reports, concepts, d.on_error)
-    if skipped:
-        files = sorted({str(Path(c.path) / f.shown_file) for c, f in skipped})
-        total = sum(r.images for r in reports)
-        print_(
-            f"warning: skipped {len(files)} of {total} images with errors (data.on_error=skip): "
-            + ", ".join(files)
-        )
-    for c, report in zip(concepts, reports, strict=True):
-        if report.warnings:
-            counts = ", ".join(f"{n} {p}" for p, n in report.counts("warning").items())
-            print_(
-                f"data check ({c.name}): {len(report.warnings)} warnings ({counts}); details: loracraft "
-                f"check-data {c.path}"
-            )
+    files = sorted({str(Path(c.path) / f.shown_file) for c, f in skipped})
+    sources = [(c.name, c.path, r) for c, r in zip(concepts, reports, strict=True)]
+    print_check_summary(files, sum(r.images for r in reports), sources, print_)
     return images
 
 
