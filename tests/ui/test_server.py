@@ -406,3 +406,17 @@ def test_list_runs_and_compare(cli_run, tmp_path):
     assert diff == ["train.lr: 0.001 -> 0.5"]
     assert {c["run"] for c in curves} == {"a", "b"} and len(curves) == 2 * 20
     assert dict(B.manifest_summary(tmp_path / "a"))["status"] == "complete"
+
+
+def test_a_concepts_only_run_lists_every_dataset(cli_run, tmp_path):
+    """A run with data.concepts and no data.path shows its concept folders, not an empty dataset."""
+    import shutil
+
+    shutil.copytree(cli_run, tmp_path / "c")
+    manifest = json.loads((tmp_path / "c" / "run.json").read_text())
+    manifest["config"]["data"]["path"] = None
+    manifest["config"]["data"]["concepts"] = [{"path": "/data/people/alice", "repeats": 2}, {"path": "/data/style"}]
+    (tmp_path / "c" / "run.json").write_text(json.dumps(manifest))
+    (row,) = B.list_runs(tmp_path)
+    assert row["dataset"] == "people/alice, data/style"
+    assert dict(B.manifest_summary(tmp_path / "c"))["dataset"] == "/data/people/alice, /data/style"

@@ -508,7 +508,7 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
                 "steps": f"{m.get('steps', 0)}/{_get(cfg, 'train.max_steps') or '?'}" if m else "",
                 "final loss": round(metrics[-1]["loss"], 5) if metrics else None,
                 "base": _short(_get(cfg, "model.base")),
-                "dataset": _short(_get(cfg, "data.path")),
+                "dataset": ", ".join(_short(d) for d in _datasets(cfg)),
                 "rank/alpha": f"{_get(cfg, 'lora.rank')}/{_get(cfg, 'lora.alpha')}" if cfg else "",
                 "lr": _get(cfg, "train.lr"),
                 "wall time (s)": m.get("wall_time_s"),
@@ -521,6 +521,13 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
     for r in rows:
         r.pop("_mtime")
     return rows
+
+
+def _datasets(cfg: dict) -> list[str]:
+    """data.path and every data.concepts path (a concepts-only run has no data.path)."""
+    concepts = _get(cfg, "data.concepts") or []
+    paths = [_get(cfg, "data.path"), *(c.get("path") for c in concepts if isinstance(c, dict))]
+    return [str(p) for p in paths if p]
 
 
 def _short(location) -> str:
@@ -543,7 +550,7 @@ def manifest_summary(run_dir: str | Path) -> list[tuple[str, str]]:
         ("steps", f"{m.get('steps')} of {_get(cfg, 'train.max_steps')}"),
         ("final loss", f"{metrics[-1]['loss']:.5f}" if metrics else "n/a"),
         ("base model", _get(cfg, "model.base")),
-        ("dataset", _get(cfg, "data.path")),
+        ("dataset", ", ".join(_datasets(cfg))),
         ("resolution", _get(cfg, "data.resolution")),
         ("rank / alpha", f"{_get(cfg, 'lora.rank')} / {_get(cfg, 'lora.alpha')}"),
         ("learning rate", f"{_get(cfg, 'train.lr')} ({_get(cfg, 'train.lr_scheduler')})"),
