@@ -73,12 +73,13 @@ def _plain_diffusers_prediction(tiny_sd, captions, noisy, timesteps):
 
 
 @pytest.mark.parametrize("adapter", [{}, {"lora.text_encoder": "{rank: 4, alpha: 4}"}, {"lora.type": "loha"},
-                                     {"train.gradient_checkpointing": True}],
-                         ids=["unet-lora", "with-text-encoder-lora", "loha", "checkpointing"])
+                                     {"train.gradient_checkpointing": True},
+                                     {"lora.targets": "[to_q, to_v, conv1, conv2]"}],
+                         ids=["unet-lora", "with-text-encoder-lora", "loha", "checkpointing", "conv-targets"])
 def test_preserved_rows_target_the_base_prediction_with_every_adapter_off(
         tiny_sd, half_styled, tmp_path, make_trainer, adapter):
-    """unet-lora and text-encoder-lora take the one-pass path (adapters off per row), loha and
-    gradient checkpointing the second no-grad pass: both must give the base's own prediction."""
+    """unet-lora, text-encoder-lora and conv-targets take the one-pass path (adapters off per row),
+    loha and gradient checkpointing the second no-grad pass: both must give the base's own prediction."""
     over = {"preserve.trigger": TRIGGER, "preserve.weight": 4, "train.batch_size": 4, **adapter}
     trainer = make_trainer(tiny_sd, half_styled, tmp_path / "r", **over)
     torch.manual_seed(0)
