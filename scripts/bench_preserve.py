@@ -7,11 +7,11 @@ off) at the same noisy input. Three ways to run one step's UNet work, on the bar
 LoRA (attention targets, a non-zero adapter), half of the rows preserved:
 
 - ``plain``: fwd + bwd of the batch (no preserve: the reference speed);
-- ``separate``: what the trainer does - fwd + bwd of the batch, then a no-grad fwd of the
-  preserved rows with adapters disabled;
+- ``separate``: fwd + bwd of the batch, then a no-grad fwd of the preserved rows with adapters
+  disabled (what the trainer does for LoHa/LoKr, DoRA and gradient checkpointing);
 - ``mixed``: one fwd + bwd of the batch plus the preserved rows again, those extra rows with
   the adapter off per row (peft's mixed-batch ``adapter_names``, ``"__base__"``), their output
-  detached as the target.
+  detached as the target (what the trainer does otherwise: ``preserve.predict_with_base``).
 
 Prints CPU seconds per step (load-insensitive at 1 thread) and speed relative to ``plain``, and
 checks that ``mixed`` gives the same targets and LoRA gradients as ``separate`` (to fp rounding).
