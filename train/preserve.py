@@ -11,9 +11,9 @@ which the optimizer can drive to zero.
 The base's prediction costs UNet work on the preserved rows. Where peft can switch the adapter
 off per row (plain LoRA, no DoRA, no gradient checkpointing), those rows ride along in the
 training pass with peft's mixed-batch ``adapter_names`` (``"__base__"``), their output detached
-as the target: one UNet call instead of two, 0.72x a plain step's speed vs 0.66x for a
-separate no-grad pass (``scripts/bench_preserve.py``). Otherwise a separate no-grad pass with
-the adapters disabled.
+as the target: one UNet call instead of two, 0.88x a plain step's speed vs 0.77x for a
+separate no-grad pass (``scripts/bench_preserve.py``, one thread), for the appended rows'
+activations in memory. Otherwise a separate no-grad pass with the adapters disabled.
 """
 
 from __future__ import annotations
