@@ -78,22 +78,24 @@ def per_row_switch_possible(lora_type: str, use_dora: bool, gradient_checkpointi
 
 
 @contextmanager
-def adapters_per_row(model: torch.nn.Module, base_rows: torch.Tensor) -> Iterator[None]:
-    """Inside, every peft LoRA layer of ``model`` runs its adapter(s) on the rows where
-    ``base_rows`` is False and skips them (the base model) where it is True: peft's mixed-batch
-    ``adapter_names`` with its ``"__base__"`` name, passed to each layer by a forward pre-hook."""
+def adapters_per_row(model: torch.nn.Module, base_rows: Sequence[bool]) -> Iterator[None]:
+    """Inside, every peft LoRA layer of ``model`` runs its adapter on the rows where ``base_rows``
+    is False and skips it (the base model) where it is True: peft's mixed-batch ``adapter_names``
+    with its ``"__base__"`` name, passed to each layer by a forward pre-hook."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    hooks = []
-    for layer in layers:
+    names_of: dict[str, list[str]] = {}  # one list per adapter name, shared by its layers
+
+    def names(layer) -> list[str]:
         (name,) = layer.active_adapters  # training holds one adapter
-        names = ["__base__" if b else name for b in base_rows.tolist()]
+        if name not in names_of:
+            names_of[name] = ["__base__" if b else name for b in base_rows]
+        return names_of[name]
 
-        def pre(_module, args, kwargs, names=names):
-            return args, {**kwargs, "adapter_names": names}
+    def pre(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names(module)}
 
-        hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in model.modules() if isinstance(m, LoraLayer)]
     try:
         yield
     finally:
@@ -117,8 +119,7 @@ def predict_with_base(unet, plain_unet: torch.nn.Module, noisy: torch.Tensor, ti
     on = rows.to(noisy.device)
     if per_row:
         n = noisy.shape[0]
-        base_rows = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(int(on.sum()), dtype=torch.bool)])
-        with adapters_per_row(plain_unet, base_rows):
+        with adapters_per_row(plain_unet, [False] * n + [True] * int(on.sum())):
             out = unet(concat_rows(noisy, noisy[on]), concat_rows(timesteps, timesteps[on]),
                        **concat_rows(kwargs, base_kwargs)).sample
         return out[:n], out[n:].detach()

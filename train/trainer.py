@@ -297,9 +297,10 @@ class LoraTrainer:
                             **mask_options(batch, pred.shape[-2:], self.cfg.data.unmasked_weight))  # data.masks
 
     def _preserved_rows(self, batch: dict) -> torch.Tensor | None:
-        p = self.cfg.preserve
-        rows = preserved_rows(batch["captions"], p.trigger, p.empty_captions) if p is not None else None
-        return rows if rows is not None and rows.any() else None
+        if (p := self.cfg.preserve) is None:
+            return None
+        rows = preserved_rows(batch["captions"], p.trigger, p.empty_captions)
+        return rows if rows.any() else None
 
     def _with_base_prediction(self, batch: dict, rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
                               kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -565,7 +565,6 @@ def checked_images(report: CheckReport, on_error: str) -> tuple[CaptionedImages,
     return training_view(report.source, kept), skipped
 
 
-
 def print_check_summary(skipped_files: list[str], total: int,
                         sources: list[tuple[str | None, str, CheckReport]], print_: Callable[[str], None]) -> None:
     """What training prints about its checked dataset: the images ``data.on_error=skip`` left out,
