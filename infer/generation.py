@@ -138,9 +138,19 @@ def set_scheduler(pipe, name: str, config: dict | None = None) -> str:
     if config is not None:
         pipe.scheduler = cls.from_config(_explicit_config(config))
     else:
-        pipe.scheduler = cls.from_config(base_cfg, **overrides)
+        pipe.scheduler = _unclipped(cls.from_config(base_cfg, **overrides))
     setattr(pipe, _SCHED_NAME, (short, cls_name))
     return short
+
+
+def _unclipped(scheduler):
+    """The scheduler with ``clip_sample`` off, as diffusers' Stable Diffusion pipelines set it when
+    they are built: a base config that does not name it (the toy base's PNDM config) would otherwise
+    give DDIM its class default, clipping each predicted latent to [-1, 1], which breaks latent images.
+    Swapping ``pipe.scheduler`` after the pipeline was built skips diffusers' own rewrite."""
+    if getattr(scheduler.config, "clip_sample", False) is True:
+        return type(scheduler).from_config(scheduler.config, clip_sample=False)
+    return scheduler
 
 
 def check_size(pipe, width: int | None, height: int | None) -> tuple[int, int]:

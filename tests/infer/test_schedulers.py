@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import diffusers
 import pytest
+import torch
 
 from loracraft.infer.errors import UsageError
 from loracraft.infer.generation import generate, scheduler_name, set_scheduler
@@ -91,3 +92,24 @@ def test_a1111_name_builds_the_scheduler_and_is_recorded(tiny_sd):
     assert "Sampler: DPM++ 2M SDE Karras," in img.record.a1111_parameters()
     set_scheduler(pipe, "DPMSolverMultistep")
     assert pipe.scheduler.config.use_karras_sigmas is False  # nothing leaks from the previous choice
+
+
+def test_ddim_does_not_clip_latents_like_diffusers_own_pipeline(tiny_sd):
+    """An SD1 PNDM config never names clip_sample, so DDIM would take its class default (True) and
+    clip each predicted latent to [-1, 1]; diffusers' StableDiffusionPipeline turns it off when it is
+    built with such a scheduler, and a swapped-in scheduler must match that pipeline's images."""
+    pipe = load_base(tiny_sd)
+    raw = dict(pipe.scheduler.config)
+    assert "clip_sample" not in {k for k in raw if not k.startswith("_")} - set(raw.get("_use_default_values", []))
+    assert diffusers.DDIMScheduler.from_config(raw).config.clip_sample is True  # the trap
+    reference = diffusers.StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        scheduler=diffusers.DDIMScheduler.from_config(raw), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    assert reference.scheduler.config.clip_sample is False  # diffusers' own rewrite
+    set_scheduler(pipe, "DDIM")
+    assert pipe.scheduler.config.clip_sample is False
+    ours = generate(pipe, "a red circle", seed=3, steps=4, guidance=3.0)[0].image
+    want = reference("a red circle", num_inference_steps=4, guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(3)).images[0]
+    assert list(ours.getdata()) == list(want.getdata())

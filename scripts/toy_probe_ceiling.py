@@ -1,0 +1,67 @@
+"""How much of the toy world's content probe a look keeps through the toy base's VAE.
+
+Every image a pipeline makes is decoded by the VAE, so an adapter that drew the style set
+exactly would still be read through it. This script renders the same random scenes plain and
+in the lcstyle look, encodes and decodes both with the toy base's VAE, and prints the probe's
+accuracy on each and their ratio: the best "content kept" (``loracraft eval``) an adapter can
+reach with that look, before any training. ``--look`` varies the look's geometry.
+
+    python scripts/toy_probe_ceiling.py [--scenes 300] [--look PERIOD,DUTY,OUTLINE_PX ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import numpy as np
+import torch
+
+import loracraft.infer.toyworld.scenes as scenes
+from loracraft.infer.toyworld import toy_base_path
+from loracraft.infer.toyworld.probe import probe_accuracy
+from loracraft.infer.toyworld.style_score import mean_style_score
+
+
+def through_vae(vae, images) -> list[np.ndarray]:
+    """Encode (latent mean) and decode, as uint8 HWC arrays."""
+    x = torch.tensor(np.stack([np.asarray(i, dtype=np.float32) / 127.5 - 1 for i in images])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return [((t.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8) for t in y]
+
+
+def look(spec: str) -> tuple[float, float, float]:
+    period, duty, outline_px = (float(v) for v in spec.split(","))
+    return period, duty, outline_px
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenes", type=int, default=300)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--look", type=look, nargs="*", default=[],
+                   help="extra looks to measure: stripe period and duty (fractions), outline in px at 32 px")
+    a = p.parse_args()
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(toy_base_path() / "vae"), torch_dtype=torch.float32)
+    rng = random.Random(a.seed)
+    drawn = [scenes.random_scene(rng) for _ in range(a.scenes)]
+    captions = [s.caption for s in drawn]
+    plain = probe_accuracy(through_vae(vae, [scenes.render(s) for s in drawn]), captions)
+    print(f"{a.scenes} scenes through the toy VAE; probe full (shape) accuracy")
+    print(f"plain look:  {plain['full']:.3f} ({plain['shape']:.3f})")
+    default = (scenes.STYLE_STRIPE_PERIOD, scenes.STYLE_STRIPE_DUTY, scenes.STYLE_OUTLINE * 32)
+    for period, duty, outline_px in [default, *a.look]:
+        scenes.STYLE_STRIPE_PERIOD, scenes.STYLE_STRIPE_DUTY = period, duty
+        scenes.STYLE_OUTLINE = max(outline_px, 1e-6) / 32
+        decoded = through_vae(vae, [scenes.render_styled(s) for s in drawn])
+        acc = probe_accuracy(decoded, captions)
+        name = "lcstyle:" if (period, duty, outline_px) == default else f"{period:g},{duty:g},{outline_px:g} px:"
+        print(f"{name:<12} {acc['full']:.3f} ({acc['shape']:.3f}) = {acc['full'] / plain['full']:.2f}x the plain "
+              f"look; style score {mean_style_score(decoded):.2f}")
+
+
+if __name__ == "__main__":
+    main()
