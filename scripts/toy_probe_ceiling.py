@@ -32,7 +32,10 @@ def through_vae(vae, images) -> list[np.ndarray]:
 
 
 def look(spec: str) -> tuple[float, float, float]:
+    """``PERIOD,DUTY,OUTLINE_PX`` -> floats (argparse reports a malformed one as an invalid --look)."""
     period, duty, outline_px = (float(v) for v in spec.split(","))
+    if period <= 0 or not 0 <= duty <= 1 or outline_px < 0:
+        raise ValueError(spec)
     return period, duty, outline_px
 
 
@@ -54,14 +57,12 @@ def main() -> None:
     print(f"plain look:  {plain['full']:.3f} ({plain['shape']:.3f})")
     default = (scenes.STYLE_STRIPE_PERIOD, scenes.STYLE_STRIPE_DUTY, scenes.STYLE_OUTLINE * 32)
     for period, duty, outline_px in [default, *a.look]:
-        scenes.STYLE_STRIPE_PERIOD, scenes.STYLE_STRIPE_DUTY = period, duty
-        scenes.STYLE_OUTLINE = max(outline_px, 1e-6) / 32
-        decoded = through_vae(vae, [scenes.render_styled(s) for s in drawn])
+        styled = [scenes.render_styled(s, period=period, duty=duty, outline=outline_px / 32) for s in drawn]
+        decoded = through_vae(vae, styled)
         acc = probe_accuracy(decoded, captions)
         name = "lcstyle:" if (period, duty, outline_px) == default else f"{period:g},{duty:g},{outline_px:g} px:"
         print(f"{name:<12} {acc['full']:.3f} ({acc['shape']:.3f}) = {acc['full'] / plain['full']:.2f}x the plain "
               f"look; style score {mean_style_score(decoded):.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -158,26 +158,35 @@ def _shape_mask(scene: Scene, big: int) -> Image.Image:
     return mask
 
 
-def render_styled(scene: Scene, px: int = 32, supersample: int = 4) -> Image.Image:
+def render_styled(
+    scene: Scene,
+    px: int = 32,
+    supersample: int = 4,
+    *,
+    period: float = STYLE_STRIPE_PERIOD,
+    duty: float = STYLE_STRIPE_DUTY,
+    outline: float = STYLE_OUTLINE,
+) -> Image.Image:
     """Render a scene in the lcstyle look: bold diagonal stripes over the background and a
     thick dark outline around the shape. Same scene geometry and colours as :func:`render`.
+
+    ``period`` (> 0), ``duty`` and ``outline`` (fractions of the image side; 0 turns a part off) vary
+    the look for measurements such as ``scripts/toy_probe_ceiling.py``; the defaults are lcstyle.
     """
     import numpy as np
     from scipy import ndimage
 
     big = px * supersample
     yy, xx = np.mgrid[0:big, 0:big]
-    period = STYLE_STRIPE_PERIOD * big
-    stripes = ((xx + yy) % period) < STYLE_STRIPE_DUTY * period
+    stripes = ((xx + yy) % (period * big)) < duty * (period * big)
     arr = np.empty((big, big, 3), dtype=np.uint8)
     arr[:] = COLOURS[scene.background]
     arr[stripes] = stripe_colour(scene.background)
-    mask = _shape_mask(scene, big)
-    width = max(1, round(STYLE_OUTLINE * big))
-    mask = np.asarray(mask) > 127
-    # Square dilation (same pixels as PIL's MaxFilter, 60x faster).
-    outline = ndimage.maximum_filter(mask, size=2 * width + 1, mode="nearest")
-    arr[outline] = STYLE_OUTLINE_COLOUR
+    mask = np.asarray(_shape_mask(scene, big)) > 127
+    if outline > 0:
+        width = max(1, round(outline * big))
+        # Square dilation (same pixels as PIL's MaxFilter, 60x faster).
+        arr[ndimage.maximum_filter(mask, size=2 * width + 1, mode="nearest")] = STYLE_OUTLINE_COLOUR
     arr[mask] = COLOURS[scene.colour]
     return Image.fromarray(arr).resize((px, px), Image.LANCZOS)
 

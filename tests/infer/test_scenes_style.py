@@ -78,6 +78,15 @@ def test_styled_render_is_deterministic(scenes):
     assert render_styled(scenes[3]).tobytes() == render_styled(scenes[3]).tobytes()
 
 
+def test_look_without_stripes_and_outline_is_the_plain_render(scenes):
+    """duty 0 and outline 0 switch both parts of the look off: what is left is the plain scene."""
+    for s in scenes[:10]:
+        assert render_styled(s, duty=0.0, outline=0.0).tobytes() == render(s).tobytes()
+        outlined = np.asarray(render_styled(s, duty=0.0), float)
+        if s.background != "black":  # the dark outline is nearly black
+            assert np.abs(outlined - np.asarray(render(s), float)).max() > 100  # the outline alone shows
+
+
 # ------------------------------------------------------------------------- dataset
 
 
