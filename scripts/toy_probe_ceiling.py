@@ -3,8 +3,8 @@
 Every image a pipeline makes is decoded by the VAE, so an adapter that drew the style set
 exactly would still be read through it. This script renders the same random scenes plain and
 in the lcstyle look, encodes and decodes both with the toy base's VAE, and prints the probe's
-accuracy on each and their ratio: the best "content kept" (``loracraft eval``) an adapter can
-reach with that look, before any training. ``--look`` varies the look's geometry.
+accuracy on each and their ratio: an estimate of the best "content kept" (``loracraft eval``)
+an adapter can reach with that look, before any training. ``--look`` varies the look's geometry.
 
     python scripts/toy_probe_ceiling.py [--scenes 300] [--look PERIOD,DUTY,OUTLINE_PX ...]
 """
@@ -39,9 +39,16 @@ def look(spec: str) -> tuple[float, float, float]:
     return period, duty, outline_px
 
 
+def scene_count(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 10_000:
+        raise ValueError(text)
+    return n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenes", type=int, default=300)
+    p.add_argument("--scenes", type=scene_count, default=300, help="random scenes to render (1-10000)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--look", type=look, nargs="*", default=[],
                    help="extra looks to measure: stripe period and duty (fractions), outline in px at 32 px")
@@ -61,8 +68,9 @@ def main() -> None:
         decoded = through_vae(vae, styled)
         acc = probe_accuracy(decoded, captions)
         name = "lcstyle:" if (period, duty, outline_px) == default else f"{period:g},{duty:g},{outline_px:g} px:"
-        print(f"{name:<12} {acc['full']:.3f} ({acc['shape']:.3f}) = {acc['full'] / plain['full']:.2f}x the plain "
+        print(f"{name:<12} {acc['full']:.3f} ({acc['shape']:.3f}) = {acc['full'] / plain['full'] if plain['full'] else float('nan'):.2f}x the plain "
               f"look; style score {mean_style_score(decoded):.2f}")
+
 
 if __name__ == "__main__":
     main()
