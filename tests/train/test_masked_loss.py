@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from loracraft.infer.errors import ConfigError, DataError
+from loracraft.train.config import build_config
 from loracraft.train.data import Planner, SampleStream, TrainingExamples, collate
 from loracraft.train.data.check import check_dataset, checked_images
-from loracraft.train.config import build_config
 from loracraft.train.data.masks import attach_masks
 from loracraft.train.loss import diffusion_loss, mask_weights, prior_preservation_loss
 
