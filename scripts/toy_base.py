@@ -49,7 +49,7 @@ from loracraft.infer.toyworld.scenes import (
     shape_polygon,
 )
 
-__all__ = ["ToyBaseConfig", "build_toy_base", "vae_psnr", "make_vae", "make_unet", "make_text_encoder"]
+__all__ = ["ToyBaseConfig", "build_toy_base", "vae_psnr", "vae_round_trip", "make_vae", "make_unet", "make_text_encoder"]
 
 PX = 32
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -229,12 +229,19 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def vae_round_trip(vae, x: torch.Tensor) -> torch.Tensor:
+    """Encode (posterior mean) -> decode: the image a pipeline would show for latents that match
+    ``x`` exactly, so what the VAE alone does to it."""
+    return vae.decode(vae.encode(x).latent_dist.mean).sample
+
+
+@torch.no_grad()
 def vae_psnr(vae, images: list[Image.Image], batch: int = 64) -> float:
     """Mean PSNR (dB, 8-bit scale) of encode (posterior mean) -> decode over ``images``."""
     vals = []
     for i in range(0, len(images), batch):
         x = to_tensor(images[i : i + batch]).to(vae.dtype)
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        rec = vae_round_trip(vae, x)
         mse = ((to_uint8(rec).float() - to_uint8(x).float()) ** 2).mean(dim=(1, 2, 3))
         vals.append(10 * torch.log10(255.0**2 / mse.clamp_min(1e-3)))
     return float(torch.cat(vals).mean())

@@ -16,6 +16,7 @@ import random
 
 import numpy as np
 import torch
+from toy_base import to_tensor, to_uint8, vae_round_trip  # scripts/, beside this file
 
 import loracraft.infer.toyworld.scenes as scenes
 from loracraft.infer.toyworld import toy_base_path
@@ -23,12 +24,13 @@ from loracraft.infer.toyworld.probe import probe_accuracy
 from loracraft.infer.toyworld.style_score import mean_style_score
 
 
-def through_vae(vae, images) -> list[np.ndarray]:
-    """Encode (latent mean) and decode, as uint8 HWC arrays."""
-    x = torch.tensor(np.stack([np.asarray(i, dtype=np.float32) / 127.5 - 1 for i in images])).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample
-    return [((t.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8) for t in y]
+def through_vae(vae, images, batch: int = 64) -> list[np.ndarray]:
+    """The images after the toy VAE's round trip, as uint8 HWC arrays."""
+    out = []
+    for i in range(0, len(images), batch):
+        rec = to_uint8(vae_round_trip(vae, to_tensor(images[i : i + batch])))
+        out += list(rec.permute(0, 2, 3, 1).numpy())
+    return out
 
 
 def look(spec: str) -> tuple[float, float, float]:

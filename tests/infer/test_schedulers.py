@@ -95,9 +95,10 @@ def test_a1111_name_builds_the_scheduler_and_is_recorded(tiny_sd):
 
 
 def test_ddim_does_not_clip_latents_like_diffusers_own_pipeline(tiny_sd):
-    """An SD1 PNDM config never names clip_sample, so DDIM would take its class default (True) and
-    clip each predicted latent to [-1, 1]; diffusers' StableDiffusionPipeline turns it off when it is
-    built with such a scheduler, and a swapped-in scheduler must match that pipeline's images."""
+    """A PNDM config that does not name clip_sample (the tiny model's, the toy base's) would give DDIM
+    its class default (True), clipping each predicted latent to [-1, 1]; diffusers'
+    StableDiffusionPipeline turns it off when it is built with such a scheduler, and a swapped-in
+    scheduler must match that pipeline's images."""
     pipe = load_base(tiny_sd)
     raw = dict(pipe.scheduler.config)
     assert "clip_sample" not in {k for k in raw if not k.startswith("_")} - set(raw.get("_use_default_values", []))
